@@ -1,0 +1,36 @@
+"""fgjax: forward gradients in fixed point, in JAX.
+
+Estimate gradients from forward calls only (SPSA, sign-m-SPSA) or forward-mode autodiff (jvp),
+in float or on integer weights, as Optax transforms. From "Stepping Forward on the Last Mile"
+(Chen et al., NeurIPS 2024).
+"""
+
+from fgjax import estimators, transforms
+from fgjax._api import value_and_grad
+from fgjax._masks import leaf_paths, path_mask
+from fgjax.estimators import Estimate
+from fgjax.transforms import (
+  ForwardGradientState,
+  IntegerUpdatesState,
+  apply_integer_updates,
+  changed_fraction,
+  forward_gradient,
+  integer_updates,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "Estimate",
+  "ForwardGradientState",
+  "IntegerUpdatesState",
+  "apply_integer_updates",
+  "changed_fraction",
+  "estimators",
+  "forward_gradient",
+  "integer_updates",
+  "leaf_paths",
+  "path_mask",
+  "transforms",
+  "value_and_grad",
+]

@@ -1,0 +1,176 @@
+"""What every estimator shares: the result type, argument checks, masks and the combine step."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fgjax import _masks
+from fgjax.estimators import _perturbation
+
+PyTree = Any
+LossFn = Callable[..., jax.Array]
+
+
+class Estimate(NamedTuple):
+  """What an estimator returns.
+
+  Attributes:
+    value: the loss at the parameters (exact for backprop, jvp and one-sided SPSA; for central SPSA
+      the mean of L(w + εz) and L(w - εz), which is L(w) + O(ε²)).
+    grads: the gradient estimate, a pytree with the structure of the parameters; leaves outside the
+      mask are exact zeros.
+    metrics: health metrics, a dict of arrays: "directional_derivatives" (K,), the estimated
+      ∇L·z_k; "zero_difference_fraction" (), the fraction of directions whose two losses were
+      exactly equal (a sign that the perturbation vanished under quantization).
+  """
+
+  value: jax.Array
+  grads: PyTree
+  metrics: dict[str, jax.Array]
+
+
+def check_positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name}: expected an integer >= 1, got {value!r}.")
+
+
+def check_chunk_size(chunk_size) -> None:
+  if chunk_size is not None and chunk_size != "auto":
+    check_positive_int("chunk_size", chunk_size)
+
+
+def resolve_chunk_size(chunk_size, num_directions: int) -> int:
+  """How many directions run at once; "auto" picks per backend (see BENCHMARKS.md).
+
+  On CPU, vmapping K perturbed copies of the weights turns every matmul or convolution into a
+  batched-weight one, which XLA:CPU runs far slower than K plain ones, so directions run one by one.
+  On accelerators the batched form wins, so all K run at once.
+  """
+  if chunk_size == "auto":
+    chunk_size = 1 if jax.default_backend() == "cpu" else None
+  if chunk_size is None:
+    return num_directions
+  return min(chunk_size, num_directions)
+
+
+def map_directions(fn: Callable, keys: jax.Array, chunk_size: int):
+  """fn over the leading axis of keys: vmapped when all at once, else lax.map in chunks."""
+  if chunk_size >= keys.shape[0]:
+    return jax.vmap(fn)(keys)
+  return jax.lax.map(fn, keys, batch_size=chunk_size)
+
+
+def scalar_loss(loss_fn: LossFn, leaves_to_tree: Callable, *args, **kwargs) -> Callable:
+  """Wraps loss_fn so it takes the list of leaves, and checks that it returns a scalar."""
+
+  def loss(leaves):
+    value = loss_fn(leaves_to_tree(leaves), *args, **kwargs)
+    if jnp.shape(value) != ():
+      raise ValueError(f"loss_fn: must return a scalar, got shape {jnp.shape(value)}.")
+    return value
+
+  return loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """Parameters split into leaves, with the mask resolved once per trace."""
+
+  leaves: list[jax.Array]
+  treedef: Any
+  trainable: tuple[bool, ...]
+
+  @classmethod
+  def create(cls, params: PyTree, mask) -> Problem:
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    return cls(leaves, treedef, _masks.resolve_mask(mask, params))
+
+  def to_tree(self, leaves: Sequence[jax.Array]) -> PyTree:
+    return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
+
+  @property
+  def positions(self) -> list[int]:
+    """Indices of the trainable leaves."""
+    return [i for i, on in enumerate(self.trainable) if on]
+
+  def trainable_leaves(self) -> list[jax.Array]:
+    return [self.leaves[i] for i in self.positions]
+
+  def of_trainable(self, loss: Callable) -> Callable:
+    """loss over all leaves -> loss over the trainable leaves (the frozen ones are constants)."""
+
+    def loss_of_trainable(trainable_leaves):
+      leaves = list(self.leaves)
+      for i, leaf in zip(self.positions, trainable_leaves, strict=True):
+        leaves[i] = leaf
+      return loss(leaves)
+
+    return loss_of_trainable
+
+  def scatter(self, trainable_values: Sequence[jax.Array]) -> PyTree:
+    """A full tree holding trainable_values at the trainable leaves and exact zeros elsewhere."""
+    out = [jnp.zeros(jnp.shape(x), grad_dtype(x)) for x in self.leaves]
+    for i, value in zip(self.positions, trainable_values, strict=True):
+      out[i] = value
+    return self.to_tree(out)
+
+
+def grad_dtype(leaf) -> jnp.dtype:
+  return jnp.float32 if _perturbation.is_integer(leaf) else jnp.result_type(leaf)
+
+
+_UNROLL_LIMIT = 16
+
+
+def combine(
+  problem: Problem,
+  coefficients: jax.Array,
+  keys: jax.Array,
+  epsilon,
+  distribution: str,
+  scale=1.0,
+) -> PyTree:
+  """g = (scale / K) Σ_k c_k z_k, with each z_k regenerated from keys[k] leaf by leaf.
+
+  Up to _UNROLL_LIMIT directions the sum is unrolled into one fusible expression per leaf; beyond,
+  a loop accumulates one direction at a time. The result does not depend on chunk_size.
+  """
+  num_directions = keys.shape[0]
+  weights = coefficients * (scale / num_directions)
+  grads = []
+
+  def leaf_term(key, index, leaf):
+    z = _perturbation.direction(key, index, leaf, distribution)
+    return _perturbation.effective_direction(leaf, z, epsilon).astype(grad_dtype(leaf))
+
+  for index, (leaf, on) in enumerate(zip(problem.leaves, problem.trainable, strict=True)):
+    dtype = grad_dtype(leaf)
+    if not on:
+      grads.append(jnp.zeros(jnp.shape(leaf), dtype))
+    elif num_directions <= _UNROLL_LIMIT:
+      # One elementwise expression: XLA fuses the K draws, the sum and the optimizer's update into
+      # one pass over the leaf, with no buffer of the leaf's size in between.
+      total = weights[0].astype(dtype) * leaf_term(keys[0], index, leaf)
+      for k in range(1, num_directions):
+        total = total + weights[k].astype(dtype) * leaf_term(keys[k], index, leaf)
+      grads.append(total)
+    else:
+
+      def body(k, total, i=index, x=leaf):
+        return total + weights[k].astype(total.dtype) * leaf_term(keys[k], i, x)
+
+      grads.append(jax.lax.fori_loop(0, num_directions, body, jnp.zeros(jnp.shape(leaf), dtype)))
+  return problem.to_tree(grads)
+
+
+def health_metrics(derivatives: jax.Array, zero_differences: jax.Array) -> dict[str, jax.Array]:
+  fraction = jnp.mean(zero_differences.astype(jnp.float32)) if zero_differences.size else 0.0
+  return {
+    "directional_derivatives": derivatives,
+    "zero_difference_fraction": jnp.asarray(fraction, jnp.float32),
+  }

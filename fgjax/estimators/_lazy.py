@@ -1,0 +1,109 @@
+"""Evaluate a loss with parameter leaves replaced lazily, each just before the op that reads it.
+
+The memory of MeZO ("memory equals inference") needs each layer's perturbed weights to exist only
+while that layer runs. Passing a whole perturbed tree to the loss lets XLA compute all of them up
+front (a copy of the parameters). Instead we trace the loss to a jaxpr once and re-emit it; when an
+equation first reads a trainable leaf, the replacement is computed there, tied by an
+`optimization_barrier` to that equation's other operands (the incoming activation), so XLA cannot
+hoist it earlier. Works for any JAX loss function; `jit`-wrapped sub-functions are inlined so the
+tie stays at layer granularity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax.extend import core as jex_core
+
+# replace(index, leaf, tie) -> (new leaf, tie'): `tie` is a tuple of values the replacement must
+# follow; the replacement passes them through an optimization_barrier together with its key and
+# returns them, and the equation then reads the tie' values (a barrier whose outputs go unused
+# would be removed, and with it the ordering).
+Replace = Callable[[int, jax.Array, tuple], tuple[jax.Array, tuple]]
+
+_INLINED = ("pjit", "jit", "closed_call")
+
+
+def call_with_replaced_leaves(
+  loss: Callable[[list[jax.Array]], Any],
+  leaves: Sequence[jax.Array],
+  selected: Sequence[bool],
+  replace: Replace,
+) -> Any:
+  """Returns loss(leaves') where leaves'[i] = replace(i, leaves[i], tie) for selected leaves."""
+  closed, out_shape = jax.make_jaxpr(loss, return_shape=True)(list(leaves))
+  flat_leaves = list(leaves)
+  pending = {}  # jaxpr var -> leaf index, for selected leaves not yet replaced
+  for index, (var, on) in enumerate(zip(closed.jaxpr.invars, selected, strict=True)):
+    if on:
+      pending[var] = index
+  state = {"done": {}, "last": ()}  # leaf index -> replacement; the last values computed
+  out = _eval(closed.jaxpr, closed.consts, flat_leaves, pending, replace, state)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
+
+
+def _eval(jaxpr, consts, args, pending, replace, state):
+  env: dict[Any, Any] = {}
+  lazy: dict[Any, int] = {}  # var -> leaf index, for vars that stand for a selected leaf
+
+  def is_lazy(var) -> bool:
+    return not isinstance(var, jex_core.Literal) and var in lazy
+
+  def read(var):
+    if isinstance(var, jex_core.Literal):
+      return var.val
+    if var in lazy:
+      return state["done"][lazy[var]]
+    return env[var]
+
+  for var, value in zip(jaxpr.constvars, consts, strict=True):
+    env[var] = value
+  for var, value in zip(jaxpr.invars, args, strict=True):
+    env[var] = value
+    if var in pending:
+      lazy[var] = pending[var]
+
+  for eqn in jaxpr.eqns:
+    inline = eqn.primitive.name in _INLINED and "jaxpr" in eqn.params
+    variables = _unique(v for v in eqn.invars if not isinstance(v, jex_core.Literal))
+    fresh = [v for v in variables if v in lazy and lazy[v] not in state["done"]]
+    if fresh and not inline:
+      # Replace the leaves this equation reads first, after its other operands exist.
+      plain = [v for v in variables if v not in lazy]
+      tie = tuple(env[v] for v in plain) if plain else state["last"]
+      for var in fresh:
+        state["done"][lazy[var]], tie = replace(lazy[var], env[var], tuple(tie))
+      if plain:
+        for var, value in zip(plain, tie, strict=True):
+          env[var] = value
+    if inline:
+      sub = eqn.params["jaxpr"]
+      sub_pending, values = {}, []
+      for var, sub_var in zip(eqn.invars, sub.jaxpr.invars, strict=True):
+        if is_lazy(var) and lazy[var] not in state["done"]:
+          sub_pending[sub_var] = lazy[var]
+          values.append(env[var])
+        else:
+          values.append(read(var))
+      outs = _eval(sub.jaxpr, sub.consts, values, sub_pending, replace, state)
+    else:
+      values = [read(v) for v in eqn.invars]
+      with eqn.ctx.manager:
+        outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+      if not eqn.primitive.multiple_results:
+        outs = [outs]
+    for var, value in zip(eqn.outvars, outs, strict=True):
+      env[var] = value
+    state["last"] = tuple(o for o in outs if hasattr(o, "shape"))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _unique(variables) -> list:
+  seen, out = set(), []
+  for var in variables:
+    if id(var) not in seen:
+      seen.add(id(var))
+      out.append(var)
+  return out
