@@ -59,7 +59,13 @@ def resolve_chunk_size(chunk_size, num_directions: int) -> int:
 
 
 def map_directions(fn: Callable, keys: jax.Array, chunk_size: int):
-  """fn over the leading axis of keys: vmapped when all at once, else lax.map in chunks."""
+  """fn over the leading axis of keys: vmapped when all at once, else lax.map in chunks.
+
+  One direction is a plain call: vmapping it would turn every matmul and convolution into a
+  batched-weight one for nothing (much slower on CPU).
+  """
+  if keys.shape[0] == 1:
+    return jax.tree.map(lambda x: jnp.expand_dims(x, 0), fn(keys[0]))
   if chunk_size >= keys.shape[0]:
     return jax.vmap(fn)(keys)
   return jax.lax.map(fn, keys, batch_size=chunk_size)

@@ -46,10 +46,10 @@ class JVP:
 
     keys = jax.random.split(key, self.num_directions)
     chunk = _base.resolve_chunk_size(self.chunk_size, self.num_directions)
-    if chunk >= self.num_directions:
+    if chunk >= self.num_directions and self.num_directions > 1:
       value, derivatives = jax.vmap(one_direction, out_axes=(None, 0))(keys)
     else:
-      values, derivatives = jax.lax.map(one_direction, keys, batch_size=chunk)
+      values, derivatives = _base.map_directions(one_direction, keys, chunk)
       value = values[0]
     # Directions are drawn again after the forward pass (see spsa), so none is held across it.
     keys = jax.vmap(_perturbation.tie, in_axes=(0, None))(keys, derivatives)

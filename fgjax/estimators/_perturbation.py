@@ -92,8 +92,24 @@ def direction(key: jax.Array, leaf_index: int, leaf: jax.Array, distribution: st
   other = _mix32(bits ^ jnp.uint32(0x9E3779B9))
   u1 = ((bits >> 8).astype(jnp.float32) + 0.5) * (2.0**-24)  # in (0, 1): log is finite
   u2 = (other >> 8).astype(jnp.float32) * (2.0**-24)
-  z = jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos((2.0 * jnp.pi) * u2)
+  z = jnp.sqrt(-2.0 * jnp.log(u1)) * _cos_2pi(u2)
   return z.astype(dtype)
+
+
+def _cos_2pi(u: jax.Array) -> jax.Array:
+  """cos(2πu) for u in [0, 1), by symmetry onto [0, π/2] and a Taylor polynomial (error < 1e-6).
+
+  XLA:CPU's general `cos` (full range reduction) was 7x the cost of everything else in drawing a
+  normal direction; u is already reduced, so a short polynomial does.
+  """
+  a = jnp.abs(u - 0.5)  # cos(2πu) = -cos(2πa), a in [0, 0.5]
+  flip = a > 0.25  # cos(2πa) = -cos(2π(0.5 - a))
+  r = (2.0 * jnp.pi) * jnp.where(flip, 0.5 - a, a)  # in [0, π/2]
+  t = r * r
+  c = 1.0 + t * (
+    -1 / 2 + t * (1 / 24 + t * (-1 / 720 + t * (1 / 40320 + t * (-1 / 3628800 + t / 479001600))))
+  )
+  return jnp.where(flip, c, -c)
 
 
 def grid_step(leaf: jax.Array, z: jax.Array, epsilon) -> jax.Array:
