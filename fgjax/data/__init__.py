@@ -1,0 +1,59 @@
+"""Data for last-mile adaptation: offline sources, TFDS, audio features, splits and shifts.
+
+Everything here is numpy (no JAX, no TensorFlow at import time). Offline sources read a folder given
+as an argument or found under `$FGJAX_DATA_DIR` (`mnist/`, `fsdd/recordings/`); `tfds_source` needs
+the optional extra `pip install fgjax[tfds]`.
+"""
+
+from fgjax.data._audio import (
+  hz_to_mel,
+  log_mel_spectrogram,
+  mel_center_frequencies,
+  mel_filterbank,
+  mel_to_hz,
+)
+from fgjax.data._dataset import Batch, Dataset
+from fgjax.data._shifts import add_noise, adjust_brightness, adjust_contrast, gaussian_blur, rotate
+from fgjax.data._sources import (
+  DATA_DIR_ENV,
+  FSDD_SAMPLE_RATE,
+  FSDD_SPEAKERS,
+  digits,
+  fsdd,
+  mnist_idx,
+  pad_or_trim,
+  read_wav,
+  synthetic,
+)
+from fgjax.data._splits import batches, few_shot, speaker_split, split
+from fgjax.data._tfds import TFDS_NAMES, tfds_source
+
+__all__ = [
+  "DATA_DIR_ENV",
+  "FSDD_SAMPLE_RATE",
+  "FSDD_SPEAKERS",
+  "TFDS_NAMES",
+  "Batch",
+  "Dataset",
+  "add_noise",
+  "adjust_brightness",
+  "adjust_contrast",
+  "batches",
+  "digits",
+  "few_shot",
+  "fsdd",
+  "gaussian_blur",
+  "hz_to_mel",
+  "log_mel_spectrogram",
+  "mel_center_frequencies",
+  "mel_filterbank",
+  "mel_to_hz",
+  "mnist_idx",
+  "pad_or_trim",
+  "read_wav",
+  "rotate",
+  "speaker_split",
+  "split",
+  "synthetic",
+  "tfds_source",
+]

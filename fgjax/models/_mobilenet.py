@@ -1,0 +1,138 @@
+"""MobileNetV2 with a width multiplier."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fgjax import quant as fq
+from fgjax.models._common import batch_norm
+
+# (expansion t, output channels c, repeats n, first stride s), from Sandler et al. 2018, Table 2.
+_INVERTED_RESIDUAL_SETTING = (
+  (1, 16, 1, 1),
+  (6, 24, 2, 2),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
+)
+
+
+def _make_divisible(value: float, divisor: int = 8) -> int:
+  """Rounds to a multiple of `divisor`, never below 90% of `value` (as torchvision)."""
+  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  if rounded < 0.9 * value:
+    rounded += divisor
+  return rounded
+
+
+class _ConvBN(nn.Module):
+  """Conv (no bias) -> BatchNorm -> optional ReLU6."""
+
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  groups: int = 1
+  activation: bool = True
+  quant: fq.QuantConfig | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    pad = (self.kernel_size - 1) // 2
+    x = fq.Conv(
+      self.features,
+      (self.kernel_size, self.kernel_size),
+      strides=self.strides,
+      padding=((pad, pad), (pad, pad)),
+      feature_group_count=self.groups,
+      use_bias=False,
+      quant=self.quant,
+      name="conv",
+    )(x)
+    x = batch_norm(train, "bn")(x)
+    return nn.relu6(x) if self.activation else x
+
+
+class _InvertedResidual(nn.Module):
+  """1x1 expansion, 3x3 depthwise, 1x1 linear projection; residual when shapes allow."""
+
+  features: int
+  strides: int
+  expansion: int
+  quant: fq.QuantConfig | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    in_features = x.shape[-1]
+    hidden = in_features * self.expansion
+    y = x
+    if self.expansion != 1:
+      y = _ConvBN(hidden, kernel_size=1, quant=self.quant, name="expand")(y, train)
+    y = _ConvBN(hidden, strides=self.strides, groups=hidden, quant=self.quant, name="depthwise")(
+      y, train
+    )
+    y = _ConvBN(self.features, kernel_size=1, activation=False, quant=self.quant, name="project")(
+      y, train
+    )
+    if self.strides == 1 and in_features == self.features:
+      y = x + y
+    return y
+
+
+class MobileNetV2(nn.Module):
+  """MobileNetV2 (Sandler et al. 2018) with a width multiplier.
+
+  `stem` (3x3 conv + BN + ReLU6), 17 inverted-residual blocks `block_0` ... `block_16`, a 1x1 conv
+  to 1280 channels `conv_17`, global average pooling, `head` (the original's dropout is left out:
+  the forward pass stays deterministic, which forward-gradient estimators rely on). Channel counts
+  follow torchvision (`round to a multiple of 8`); with width 1.0, 3 input channels and 1000 classes
+  the model has 3,504,872 parameters, as torchvision's `mobilenet_v2`.
+
+  `small_images=True` (default) is the CIFAR variant: the stem and the second stage use stride 1
+  instead of 2 (total downsampling 8 instead of 32), so 32x32 inputs keep a 4x4 map. Strides do not
+  change the parameter count.
+
+  Batch statistics: call with `train=True` and `mutable=["batch_stats"]` to pretrain with backprop
+  (statistics update); call with `train=False` for evaluation and for forward-gradient or SPSA
+  adaptation, which then uses the frozen running statistics and needs no mutable collection.
+
+  Attributes:
+    width_multiplier: scales every channel count (the last conv is never narrower than 1280).
+    num_classes: number of output logits.
+    small_images: stride 1 in the stem and second stage (for 32x32 and smaller inputs).
+    quant: quantization of every conv and matmul (`None`: float). BatchNorm stays in float.
+  """
+
+  width_multiplier: float = 1.0
+  num_classes: int = 10
+  small_images: bool = True
+  quant: fq.QuantConfig | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Logits for images `x` of shape (batch, height, width, channels)."""
+    stem_features = _make_divisible(32 * self.width_multiplier)
+    last_features = _make_divisible(1280 * max(1.0, self.width_multiplier))
+    x = _ConvBN(
+      stem_features, strides=1 if self.small_images else 2, quant=self.quant, name="stem"
+    )(x, train)
+    index = 0
+    for stage, (expansion, channels, repeats, stride) in enumerate(_INVERTED_RESIDUAL_SETTING):
+      if self.small_images and stage == 1:
+        stride = 1
+      features = _make_divisible(channels * self.width_multiplier)
+      for repeat in range(repeats):
+        x = _InvertedResidual(
+          features,
+          stride if repeat == 0 else 1,
+          expansion,
+          quant=self.quant,
+          name=f"block_{index}",
+        )(x, train)
+        index += 1
+    x = _ConvBN(last_features, kernel_size=1, quant=self.quant, name=f"conv_{index}")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return fq.Dense(self.num_classes, quant=self.quant, name="head")(x)
