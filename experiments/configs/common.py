@@ -1,0 +1,61 @@
+"""Defaults shared by every config: each config starts from `base_config()` and changes fields."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field any mode reads, with defaults (override on the command line: --config.x=...)."""
+  config = ml_collections.ConfigDict()
+  config.mode = "pretrain"  # pretrain | adapt
+  config.seed = 0
+  config.log_every = 50
+  config.checkpoint_every = 200
+  config.eval_batch_size = 256
+  config.stop_after = 0  # Tests: leave at this step without saving, as if killed.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "digits"  # digits | mnist | fsdd | synthetic
+  config.data.folder = ""  # "" -> $FGJAX_DATA_DIR/<mnist or fsdd/recordings>
+  config.data.shift = "rotate"  # none | rotate | noise | rotate_noise | speaker (fsdd)
+  config.data.rotate_degrees = 30.0
+  config.data.noise_std = 0.3
+  config.data.num_source = 0  # images: examples in the source domain (0: 60 %)
+  config.data.shots = 10  # adaptation examples per class in the target domain
+  config.data.limit = 0  # keep only the first N examples (0: all)
+  config.data.target_speaker = "yweweler"  # fsdd
+  config.data.takes = 0  # fsdd: keep takes 0..takes-1 per speaker and digit (0: all 50)
+  config.data.num_samples = 8000  # fsdd: samples per waveform (1 s at 8 kHz)
+  config.data.num_mels = 40  # fsdd
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "small_cnn"
+  config.model.kwargs = ml_collections.ConfigDict()
+
+  config.pretrain = ml_collections.ConfigDict()
+  config.pretrain.steps = 1000
+  config.pretrain.batch_size = 64
+  config.pretrain.optimizer = "adam"
+  config.pretrain.optimizer_kwargs = ml_collections.ConfigDict({"learning_rate": 1e-3})
+  config.pretrain.schedule = "constant"
+
+  config.adapt = ml_collections.ConfigDict()
+  config.adapt.pretrained = ""  # a pretraining workdir
+  config.adapt.method = "sign_spsa"  # backprop | jvp | spsa | sign_spsa
+  config.adapt.precision = "float32"  # float32 | bf16 | w16a16 | w16a8 | w8a8 | w4a8
+  config.adapt.weight_storage = "float"  # float (fake quant) | integer (fixed point)
+  config.adapt.rounding = "nearest"  # integer updates: nearest | stochastic
+  config.adapt.trainable = "full"  # full | linear_probe | last_k | prompts
+  config.adapt.last_k = 1
+  config.adapt.num_directions = 4  # K
+  config.adapt.epsilon = 1e-3  # float weights: weight units; integer weights: quantization steps
+  config.adapt.central = True
+  config.adapt.distribution = "rademacher"
+  config.adapt.sign_scale = 1.0
+  config.adapt.chunk_size = "auto"
+  config.adapt.steps = 300
+  config.adapt.batch_size = 32
+  config.adapt.optimizer = "sgd"
+  config.adapt.optimizer_kwargs = ml_collections.ConfigDict({"learning_rate": 1e-3})
+  config.adapt.schedule = "constant"  # constant | cosine | linear (decay to 0 over adapt.steps)
+  config.adapt.compare_backprop_memory = True
+  return config

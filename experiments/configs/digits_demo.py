@@ -1,0 +1,70 @@
+"""Last mile on scikit-learn's 8x8 digits: pretrain upright, adapt to digits rotated by 30 degrees.
+
+Source domain: 60 % of the 1,797 digits, upright (80 % to pretrain, 20 % to test). Target
+domain: the other 40 %, rotated; 10 per class (100 images) to adapt on, the rest (619) to test.
+Model: SmallCNN (conv 16, conv 32, dense 64). No network and no data folder needed.
+
+Commands (CPU):
+  python -m experiments.demo --workdir=/tmp/digits    # all three runs and the table below
+or one run at a time:
+  python -m experiments.main --config=experiments/configs/digits_demo.py --workdir=/tmp/digits/pre
+  python -m experiments.main --config=experiments/configs/digits_demo.py \
+    --workdir=/tmp/digits/spsa --config.mode=adapt --config.adapt.pretrained=/tmp/digits/pre
+
+Runtime: `time python -m experiments.demo` took 60 s wall (41 s user) and, in a later run,
+2 min 23 s wall (46 s user) on 2 CPU cores shared with other jobs (load average 5 and 8); the
+training loops take about 3 s (pretraining), 16 s (sign-m-SPSA) and 2 s (backprop), the rest is
+start-up and XLA compilation.
+
+Result (seed 0, measured). Accuracy on the 619 rotated test digits; passes over all steps;
+memory is XLA's estimate for one training step (temp / total KiB), beside a backprop step on
+the same model and precision (w16a8 fake quantization for the fixed-point run):
+  pretrain, backprop, float32:        zero-shot 43.1 %, source test 98.1 %, 600 steps,
+                                      600 fwd + 600 bwd, 2886 / 3063 KiB
+  sign-m-SPSA K=4, w16a8 int weights: zero-shot 42.6 % -> adapted 80.9 %, 800 steps, 6400 fwd,
+                                      868 / 903 KiB (backprop: 1523 / 1585 KiB)
+  backprop, float32 (reference):      zero-shot 43.1 % -> adapted 90.8 %, 800 steps,
+                                      800 fwd + 800 bwd, 1438 / 1500 KiB
+Sign-m-SPSA adapts the integer kernels only (biases stay frozen: see experiments/train.py).
+"""
+
+import ml_collections
+
+from experiments.configs import common
+
+
+def get_config():
+  config = common.base_config()
+  config.data.name = "digits"
+  config.data.shift = "rotate"
+  config.data.rotate_degrees = 30.0
+  config.data.shots = 10
+  config.model.name = "small_cnn"
+  config.model.kwargs.features = (16, 32)
+  config.model.kwargs.hidden = 64
+  config.pretrain.steps = 600
+  config.pretrain.batch_size = 64
+  config.log_every = 50
+  config.checkpoint_every = 200
+  # Fixed-point sign-m-SPSA at w16a8: integer weights, epsilon and the learning rate in
+  # quantization steps of the 16-bit grid (one step = max|w| / 32767 per output channel).
+  config.adapt.method = "sign_spsa"
+  config.adapt.precision = "w16a8"
+  config.adapt.weight_storage = "integer"
+  config.adapt.rounding = "stochastic"
+  config.adapt.num_directions = 4
+  config.adapt.epsilon = 128.0
+  config.adapt.distribution = "rademacher"
+  config.adapt.steps = 800
+  config.adapt.schedule = "cosine"
+  config.adapt.batch_size = 32
+  config.adapt.optimizer = "sgd"
+  config.adapt.optimizer_kwargs.learning_rate = 1024.0
+  # The reference run of `python -m experiments.demo`: these fields replace those of `adapt`.
+  config.reference = ml_collections.ConfigDict()
+  config.reference.method = "backprop"
+  config.reference.precision = "float32"
+  config.reference.weight_storage = "float"
+  config.reference.rounding = "nearest"
+  config.reference.learning_rate = 0.05
+  return config

@@ -1,0 +1,61 @@
+"""Last mile on MNIST: pretrain on upright digits, adapt to rotated (or noisy) ones.
+
+The MNIST test set (10,000 images, the IDX files in `$FGJAX_DATA_DIR/mnist` or --config.data.folder)
+is split by seed into 8,000 source images (upright; 6,400 to pretrain, 1,600 to test) and 2,000
+target images, rotated by 30 degrees (`--config.data.shift=noise` for Gaussian noise of std 0.3, or
+`rotate_noise`); 10 target images per class adapt the model, the other 1,900 test it.
+Model: SmallCNN (conv 16, conv 32, dense 64).
+
+Commands:
+  export FGJAX_DATA_DIR=/path/to/data   # holds mnist/t10k-images-idx3-ubyte.gz, ...
+  python -m experiments.main --config=experiments/configs/mnist_shift.py --workdir=/tmp/mnist/pre
+  python -m experiments.main --config=experiments/configs/mnist_shift.py --workdir=/tmp/mnist/spsa \
+    --config.mode=adapt --config.adapt.pretrained=/tmp/mnist/pre
+  # backprop reference: --config.adapt.method=backprop --config.adapt.precision=float32 \
+  #   --config.adapt.weight_storage=float --config.adapt.optimizer_kwargs.learning_rate=0.05
+
+Runtime (2 CPU cores shared with other jobs, load average 5 to 9): pretraining 4 min 12 s wall
+(67 s user), sign-m-SPSA adaptation 2 min 18 s (77 s user), backprop adaptation 25 s (14 s user).
+
+Result (seed 0, rotate 30 degrees, measured). Accuracy on the 1,900 rotated test images; memory
+is XLA's estimate for one training step (temp / total KiB):
+  pretrain, backprop, float32:        source test 98.2 %, rotated zero-shot 75.6 %, 1500 steps,
+                                      35106 / 36543 KiB (batch 64)
+  sign-m-SPSA K=4, w16a8 int weights: zero-shot 75.5 % -> adapted 79.3 %, 400 steps, 3200 fwd,
+                                      9598 / 9903 KiB (backprop at w16a8: 18173 / 18685 KiB)
+  backprop, float32, lr 0.05:         zero-shot 75.6 % -> adapted 90.2 %, 400 steps,
+                                      400 fwd + 400 bwd, 17368 / 17879 KiB
+(Adaptation batches are 32; the settings of digits_demo.py, cosine decay and 800 steps, are not
+yet measured here.)
+"""
+
+from experiments.configs import common
+
+
+def get_config():
+  config = common.base_config()
+  config.data.name = "mnist"
+  config.data.shift = "rotate"
+  config.data.rotate_degrees = 30.0
+  config.data.noise_std = 0.3
+  config.data.num_source = 8000
+  config.data.shots = 10
+  config.model.name = "small_cnn"
+  config.model.kwargs.features = (16, 32)
+  config.model.kwargs.hidden = 64
+  config.pretrain.steps = 1500
+  config.pretrain.batch_size = 64
+  config.log_every = 100
+  config.checkpoint_every = 500
+  # Fixed-point sign-m-SPSA at w16a8, epsilon and learning rate in 16-bit grid steps.
+  config.adapt.method = "sign_spsa"
+  config.adapt.precision = "w16a8"
+  config.adapt.weight_storage = "integer"
+  config.adapt.rounding = "stochastic"
+  config.adapt.num_directions = 4
+  config.adapt.epsilon = 64.0
+  config.adapt.steps = 400
+  config.adapt.batch_size = 32
+  config.adapt.optimizer = "sgd"
+  config.adapt.optimizer_kwargs.learning_rate = 256.0
+  return config
