@@ -37,7 +37,12 @@ def shift_images(data: Dataset, shift: str, *, degrees: float, noise_std: float,
 
 
 def few_shot(data: Dataset, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Indices of `shots` examples per class (chosen by seed) and of all the others."""
+  """Indices of `shots` examples per class (chosen by seed) and of all the others.
+
+  Unlike `fgjax.data.few_shot`, which raises when a class has fewer than `shots` examples, a class
+  short of examples (or absent) here gives what it has: the target domain is a random part of the
+  data, so small or imbalanced data (`data.limit`, a few FSDD takes) can leave a class short.
+  """
   order = np.random.default_rng([seed, 7]).permutation(len(data))
   chosen = []
   for label in range(data.num_classes):
@@ -47,30 +52,20 @@ def few_shot(data: Dataset, shots: int, seed: int) -> tuple[np.ndarray, np.ndarr
   return chosen, rest
 
 
-def _split(num: int, first: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  order = np.random.default_rng([seed, 3]).permutation(num)
-  return np.sort(order[:first]), np.sort(order[first:])
-
-
 def _image_task(data: Dataset, config, seed: int) -> Task:
   """Source: upright images; target: a disjoint part of the data, shifted."""
   num_source = int(config.num_source) if config.num_source else int(round(0.6 * len(data)))
   if not 0 < num_source < len(data):
     raise ValueError(f"data.num_source={num_source} must be in (0, {len(data)}).")
-  source_index, target_index = _split(len(data), num_source, seed)
-  source, target = data.subset(source_index), data.subset(target_index)
-  num_test = max(1, len(source) // 5)
-  train_index, test_index = _split(len(source), len(source) - num_test, seed + 1)
+  num_test = max(1, num_source // 5)
+  source_train, source_test, target = fdata.split(
+    data, (num_source - num_test, num_test, len(data) - num_source), seed
+  )
   target = shift_images(
     target, config.shift, degrees=config.rotate_degrees, noise_std=config.noise_std, seed=seed
   )
   support, rest = few_shot(target, int(config.shots), seed)
-  return Task(
-    source.subset(train_index),
-    source.subset(test_index),
-    target.subset(support),
-    target.subset(rest),
-  )
+  return Task(source_train, source_test, target.subset(support), target.subset(rest))
 
 
 def _fsdd_task(config, seed: int) -> Task:
@@ -87,18 +82,13 @@ def _fsdd_task(config, seed: int) -> Task:
   is_target = data.speakers == config.target_speaker
   source, target = data.subset(np.flatnonzero(~is_target)), data.subset(np.flatnonzero(is_target))
   num_test = max(1, len(source) // 10)
-  train_index, test_index = _split(len(source), len(source) - num_test, seed + 1)
-  mean = source.x[train_index].mean()
-  std = source.x[train_index].std() + 1e-6
+  source_train, source_test = fdata.split(source, (len(source) - num_test, num_test), seed + 1)
+  mean = source_train.x.mean()
+  std = source_train.x.std() + 1e-6
   normalize = lambda d: dataclasses.replace(d, x=((d.x - mean) / std).astype(np.float32))
-  source, target = normalize(source), normalize(target)
+  source_train, source_test, target = map(normalize, (source_train, source_test, target))
   support, rest = few_shot(target, int(config.shots), seed)
-  return Task(
-    source.subset(train_index),
-    source.subset(test_index),
-    target.subset(support),
-    target.subset(rest),
-  )
+  return Task(source_train, source_test, target.subset(support), target.subset(rest))
 
 
 def build_task(config, seed: int) -> Task:

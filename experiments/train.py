@@ -211,7 +211,9 @@ def prepare(config, workdir) -> Plan:
         "(fake quantization) or a forward-only method (spsa, sign_spsa)."
       )
     if adapt.rounding not in training.ROUNDINGS:
-      raise ConfigError(f"adapt.rounding: unknown {adapt.rounding!r}; valid: nearest, stochastic.")
+      raise ConfigError(
+        f"adapt.rounding: unknown {adapt.rounding!r}; valid: {', '.join(training.ROUNDINGS)}."
+      )
     if not adapt.pretrained:
       raise ConfigError("adapt.pretrained: the pretraining workdir is required in mode 'adapt'.")
     pretrained_dir = pathlib.Path(adapt.pretrained) / "checkpoints"
@@ -265,15 +267,21 @@ def prepare(config, workdir) -> Plan:
         mask = jax.tree.map(lambda on, p: on and training.is_integer(p), mask, params)
         if not any(jax.tree.leaves(mask)):
           raise ValueError("trainable: no integer kernel in the chosen subset.")
-      optimizer = training.make_optimizer(adapt, mask=mask, forward=True, seed=config.seed)
+      integer = quant is not None and quant.weight_storage == "integer"
+      weight_bits = quant.weight_bits if integer else None
+      # Integer kernels: the chain ends with `fgjax.integer_updates(adapt.rounding)`.
+      optimizer = training.make_optimizer(
+        adapt,
+        mask=mask,
+        forward=True,
+        seed=config.seed,
+        integer_weights=integer,
+        weight_bits=weight_bits,
+      )
     except ValueError as error:
       raise ConfigError(f"adapt.{error}") from None
     state = training.TrainState.create(params, variables, optimizer, jax.random.key(config.seed))
-    step_kwargs = {
-      "update_batch_stats": False,
-      "rounding": adapt.rounding,
-      "weight_bits": None if quant is None else quant.weight_bits,
-    }
+    step_kwargs = {"update_batch_stats": False, "weight_bits": weight_bits}
     train_data = task.target_train
     info.update(
       method=adapt.method,

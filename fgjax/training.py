@@ -10,7 +10,9 @@ Importable by the binaries in `experiments/`, by tests and by Colabs. Two kinds 
   estimators evaluate the loss on perturbed weights that must not move the statistics.
 
 Integer (fixed-point) parameters get float updates from the optimizer in units of one quantization
-step; `apply_updates` rounds them (nearest or stochastic) and adds them with saturation.
+step; with `make_optimizer(..., integer_weights=True)` the chain ends with `fgjax.integer_updates`,
+which rounds them (nearest, stochastic or error feedback; its key and residual live in the optimizer
+state), and the step adds them with saturation (`fgjax.apply_integer_updates`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,15 @@ PyTree = Any
 
 TRAINABLE_SUBSETS = ("full", "linear_probe", "last_k", "prompts")
 METHODS = ("backprop", "jvp", "spsa", "sign_spsa")
-ROUNDINGS = ("nearest", "stochastic")
+ROUNDINGS = fgjax.transforms.ROUNDINGS  # nearest, stochastic, error_feedback
 SCHEDULES = ("constant", "cosine", "linear")
+
+
+class _IntegerWeightsOptimizer(optax.GradientTransformationExtraArgs):
+  """`optax.chain(optimizer, fgjax.integer_updates(...))` whose `init` takes the integer parameters:
+  `optimizer` is initialized on their float view, `integer_updates` on the integers themselves."""
+
+  __slots__ = ()
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -46,8 +55,10 @@ class TrainState(flax.struct.PyTreeNode):
     model_state: the model's other collections, e.g. `batch_stats` and the fixed-point `quant`
       scales; only pretraining changes them.
     opt_state: the optax state; for forward methods it holds the `ForwardGradientState` whose key
-      draws the perturbations.
-    rng: a typed PRNG key; step `t` uses `fold_in(rng, t)` (e.g. for stochastic rounding).
+      draws the perturbations, and for integer weights the `IntegerUpdatesState` whose key draws
+      the stochastic rounding (or whose residual holds error feedback's remainders).
+    rng: a typed PRNG key for step-level randomness (step `t` would use `fold_in(rng, t)`); the
+      steps here draw none from it, all their randomness is in `opt_state`.
   """
 
   step: jax.Array
@@ -58,12 +69,16 @@ class TrainState(flax.struct.PyTreeNode):
 
   @classmethod
   def create(cls, params, model_state, optimizer, rng) -> TrainState:
-    """A state at step 0, with `optimizer.init` run on a float view of the parameters."""
+    """A state at step 0, with `optimizer.init` run on a float view of the parameters (so momentum
+    or Adam states are float); an optimizer of `make_optimizer(..., integer_weights=True)` gets
+    the parameters as they are and float-views them itself for all but `fgjax.integer_updates`,
+    which must see the integer leaves (error feedback keeps a residual for each)."""
+    init_params = params if isinstance(optimizer, _IntegerWeightsOptimizer) else float_view(params)
     return cls(
       step=jnp.zeros((), jnp.int32),
       params=params,
       model_state=dict(model_state),
-      opt_state=optimizer.init(float_view(params)),
+      opt_state=optimizer.init(init_params),
       rng=rng,
     )
 
@@ -167,7 +182,21 @@ def forward_passes_per_step(config) -> dict[str, int]:
   return {"forward": 2 * k if central else k + 1, "backward": 0, "jvp": 0}
 
 
-def make_optimizer(config, *, mask: PyTree | None = None, forward: bool = True, seed: int = 0):
+def _rounding_seed(seed: int) -> int:
+  """The seed of the rounding key: drawn from `seed` but apart from the estimator's `key(seed)`, so
+  that perturbations and rounding noise never come from one key stream."""
+  return int(np.random.SeedSequence([seed % 2**32, 1]).generate_state(1)[0])
+
+
+def make_optimizer(
+  config,
+  *,
+  mask: PyTree | None = None,
+  forward: bool = True,
+  seed: int = 0,
+  integer_weights: bool = False,
+  weight_bits: int | None = None,
+):
   """An optax optimizer by name, behind the estimator of `config.method` when `forward`.
 
   `config.optimizer` names any optax optimizer (`getattr(optax, name)(**kwargs)`), with
@@ -177,8 +206,16 @@ def make_optimizer(config, *, mask: PyTree | None = None, forward: bool = True, 
   chain starts with `fgjax.forward_gradient(make_estimator(config, mask), seed)`, and `update`
   needs `value_fn=`; with `forward=False` it takes ordinary gradients.
 
+  With `integer_weights=True` (fixed-point parameters) the chain ends with
+  `fgjax.integer_updates(config.rounding, bits=weight_bits, mask=mask)` (rounding "nearest",
+  "stochastic" or "error_feedback"; its key is seeded from `seed`): the updates of integer leaves
+  become integer steps that keep `q + Δ` on the `weight_bits`-bit grid (None: the dtype's width),
+  and `update` needs `params`; its `init` takes the integer parameters (`TrainState.create` passes
+  them as they are).
+
   Raises:
-    ValueError: the optimizer name is not an optax optimizer, or its kwargs don't fit.
+    ValueError: the optimizer name is not an optax optimizer, or its kwargs don't fit, or an
+      unknown rounding.
   """
   name = _get(config, "optimizer", "sgd")
   kwargs = dict(_get(config, "optimizer_kwargs", {}) or {})
@@ -212,47 +249,17 @@ def make_optimizer(config, *, mask: PyTree | None = None, forward: bool = True, 
     optimizer = optax.partition({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
   if forward:
     optimizer = optax.chain(fgjax.forward_gradient(make_estimator(config, mask), seed), optimizer)
+  if integer_weights:
+    rounding = _get(config, "rounding", "nearest") or "nearest"
+    inner = optimizer
+    link = fgjax.integer_updates(rounding, _rounding_seed(seed), bits=weight_bits, mask=mask)
+    chained = optax.chain(inner, link)
+    # The state of `chained`, with `inner` on a float view (float momentum or Adam states) and
+    # `link` on the integer parameters (see `TrainState.create`).
+    optimizer = _IntegerWeightsOptimizer(
+      lambda params: (inner.init(float_view(params)), link.init(params)), chained.update
+    )
   return optimizer
-
-
-def apply_updates(
-  params: PyTree,
-  updates: PyTree,
-  *,
-  key: jax.Array | None = None,
-  rounding: str = "nearest",
-  weight_bits: int | None = None,
-) -> PyTree:
-  """`params + updates`; integer leaves take rounded updates with a saturating add.
-
-  For an integer leaf the update is in quantization steps: Δ = round(u) (ties to even) or
-  stochastic rounding ⌊u + U[0,1)⌋ (unbiased; Chen et al. 2024, Sec. 3: small updates would
-  otherwise round to zero), then `clip(q + Δ, ±(2^{b-1} - 1))` with b = `weight_bits` (default the
-  dtype's width). Float leaves: `optax.apply_updates`.
-  """
-  if rounding not in ROUNDINGS:
-    raise ValueError(f"rounding: unknown {rounding!r}; valid: {', '.join(ROUNDINGS)}.")
-  from fgjax.quant._integer import round_nearest, round_stochastic, saturating_add
-
-  leaves, treedef = jax.tree.flatten(params)
-  update_leaves = treedef.flatten_up_to(updates)
-  out = []
-  for index, (param, update) in enumerate(zip(leaves, update_leaves, strict=True)):
-    if not is_integer(param):
-      out.append((param + update).astype(param.dtype))
-      continue
-    update = update.astype(jnp.float32)
-    if rounding == "stochastic":
-      if key is None:
-        raise ValueError("apply_updates: stochastic rounding needs a key.")
-      delta = round_stochastic(jax.random.fold_in(key, index), update)
-    else:
-      delta = round_nearest(update)
-    bound = float(2 ** (jnp.iinfo(param.dtype).bits - 1) - 1)
-    delta = jnp.clip(delta, -2 * bound, 2 * bound).astype(jnp.int32)
-    bits = weight_bits if weight_bits is not None else jnp.iinfo(param.dtype).bits
-    out.append(saturating_add(param, delta, bits=min(bits, jnp.iinfo(param.dtype).bits)))
-  return jax.tree.unflatten(treedef, out)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -260,13 +267,18 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
-def _forward_state(opt_state):
+def _find_state(opt_state, kind):
+  """The first sub-state of type `kind` in an optax state, or None."""
   found = [
     s
-    for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, fgjax.ForwardGradientState))
-    if isinstance(s, fgjax.ForwardGradientState)
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, kind))
+    if isinstance(s, kind)
   ]
   return found[0] if found else None
+
+
+def _forward_state(opt_state):
+  return _find_state(opt_state, fgjax.ForwardGradientState)
 
 
 def train_step(
@@ -276,7 +288,6 @@ def train_step(
   model,
   optimizer,
   update_batch_stats: bool = False,
-  rounding: str = "nearest",
   weight_bits: int | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One step. Returns the new state and metrics (`loss`, plus estimator health for forward
@@ -285,9 +296,14 @@ def train_step(
   `update_batch_stats=True`: pretraining by backprop with `train=True` (BatchNorm statistics move;
   `optimizer` takes plain gradients). Otherwise: adaptation with `train=False`; `optimizer` must
   start with `fgjax.forward_gradient` (see `make_optimizer`).
+
+  The updates are added by `fgjax.apply_integer_updates(params, updates, weight_bits)`: float
+  leaves as `optax.apply_updates`, integer leaves with a saturating add at `±(2^{b-1} - 1)`. For
+  integer weights the optimizer should end with `fgjax.integer_updates` (`make_optimizer(...,
+  integer_weights=True)`), which does the rounding; the metrics then include its
+  `changed_fraction` (the fraction of trainable integer weights the step moved).
   """
   variables = lambda params: {"params": params, **state.model_state}
-  step_key = jax.random.fold_in(state.rng, state.step)
   if update_batch_stats:
     mutable = [name for name in state.model_state if name == "batch_stats"]
 
@@ -316,9 +332,10 @@ def train_step(
       "loss": forward_state.value,
       "zero_difference_fraction": forward_state.metrics["zero_difference_fraction"],
     }
-  params = apply_updates(
-    state.params, updates, key=step_key, rounding=rounding, weight_bits=weight_bits
-  )
+  integer_state = _find_state(opt_state, fgjax.IntegerUpdatesState)
+  if integer_state is not None:
+    metrics["changed_fraction"] = integer_state.changed_fraction
+  params = fgjax.apply_integer_updates(state.params, updates, weight_bits)
   new_state = state.replace(
     step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
   )

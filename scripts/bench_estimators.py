@@ -159,7 +159,8 @@ def bench(name, model, x, y, repeats, only=None):
     args = jax.tree.map(jnp.copy, args)  # Donation consumes buffers: each step gets its own.
     compiled = fn.lower(*args).compile()
     row = {"model": name, "batch": int(x.shape[0]), "step": step_name, **_memory(compiled)}
-    row["time_ms"] = 1e3 * _time(compiled, args, carry, repeats)
+    # --repeats 0: memory only (XLA's analysis needs no run), e.g. for big models on a CPU.
+    row["time_ms"] = 1e3 * _time(compiled, args, carry, repeats) if repeats else float("nan")
     if base is None:
       base = row
     row["time_x"] = row["time_ms"] / base["time_ms"]
@@ -182,6 +183,20 @@ def _load_anchor_models(folder: str):
   return {"ResNet18": module.ResNet18(), "ViTTiny": module.ViTTiny()}
 
 
+def markdown(rows) -> str:
+  """The rows as a markdown table (the one in BENCHMARKS.md)."""
+  lines = [
+    "| model | batch | step | time ms | time x fwd | temp MiB | total MiB | total x fwd |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['model']} | {r['batch']} | {r['step']} | {r['time_ms']:.1f} | {r['time_x']:.2f} | "
+      f"{r['temp_MiB']:.2f} | {r['total_MiB']:.2f} | {r['total_x']:.2f} |"
+    )
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--suite", choices=("small", "anchors"), default="small")
@@ -190,7 +205,13 @@ def main():
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--only", nargs="*", default=None, help="substrings of step names to run")
   parser.add_argument("--out", default=None, help="append JSON lines here")
+  parser.add_argument(
+    "--table", default=None, help="print a markdown table of this JSON-lines file"
+  )
   args = parser.parse_args()
+  if args.table:
+    print(markdown([json.loads(line) for line in open(args.table)]))
+    return
   print(
     json.dumps(
       {
@@ -220,6 +241,7 @@ def main():
       for batch in args.batch or (64,):
         x = jax.random.normal(key, (batch, 32, 32, 3))
         rows += bench(name, model, x, jnp.zeros((batch,), jnp.int32), args.repeats, args.only)
+  print(markdown(rows))
   if args.out:
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:

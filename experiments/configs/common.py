@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.adapt.method = "sign_spsa"  # backprop | jvp | spsa | sign_spsa
   config.adapt.precision = "float32"  # float32 | bf16 | w16a16 | w16a8 | w8a8 | w4a8
   config.adapt.weight_storage = "float"  # float (fake quant) | integer (fixed point)
-  config.adapt.rounding = "nearest"  # integer updates: nearest | stochastic
+  config.adapt.rounding = "nearest"  # integer updates: nearest | stochastic | error_feedback
   config.adapt.trainable = "full"  # full | linear_probe | last_k | prompts
   config.adapt.last_k = 1
   config.adapt.num_directions = 4  # K

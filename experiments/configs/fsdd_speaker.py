@@ -46,16 +46,16 @@ def get_config():
   config.pretrain.batch_size = 32
   config.log_every = 100
   config.checkpoint_every = 500
-  # sign-m-SPSA at w16a8 with float master weights (fake quantization): integer weight storage
-  # fails inside the CRNN's GRU (nn.RNN's scan does not see the "quant" collection of kernel
-  # scales; ScopeCollectionNotFound), so epsilon and the learning rate are in weight units.
+  # Fixed-point sign-m-SPSA at w16a8 (int16 kernels, also inside the GRU), epsilon and learning
+  # rate in 16-bit grid steps, as in mnist_shift.py.
   config.adapt.method = "sign_spsa"
   config.adapt.precision = "w16a8"
-  config.adapt.weight_storage = "float"
+  config.adapt.weight_storage = "integer"
+  config.adapt.rounding = "stochastic"
   config.adapt.num_directions = 4
-  config.adapt.epsilon = 1e-3
+  config.adapt.epsilon = 64.0
   config.adapt.steps = 400
   config.adapt.batch_size = 25
   config.adapt.optimizer = "sgd"
-  config.adapt.optimizer_kwargs.learning_rate = 1e-3
+  config.adapt.optimizer_kwargs.learning_rate = 256.0
   return config

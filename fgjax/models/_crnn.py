@@ -92,7 +92,8 @@ class CRNN(nn.Module):
     x = x.reshape((batch, time, mels * channels))
     # The cell carries the name: its parameters live at `gru_<n>/ir/kernel` etc. (nn.RNN has none).
     cell = QuantGRUCell(self.hidden, quant=self.quant, name=f"gru_{len(self.features)}")
-    hidden = nn.RNN(cell, return_carry=True)(x)[0]
+    # Quantization scales (integer weight storage) are shared by all time steps, like params.
+    hidden = nn.RNN(cell, return_carry=True, variable_broadcast=("params", "quant"))(x)[0]
     return fq.Dense(self.num_classes, quant=self.quant, name="head")(hidden)
 
 

@@ -16,7 +16,7 @@ def _mlp_problem(batch=8, seed=0):
   model = testing.TinyMLP(hidden=(12, 12), num_classes=3)
   x = jax.random.normal(jax.random.key(seed), (batch, 5))
   y = jnp.arange(batch) % 3
-  params = model.init(jax.random.key(seed + 1), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(seed + 1), x)["params"]
   return testing.classification_loss(model, x, y), params
 
 
@@ -24,7 +24,7 @@ def _cnn_problem(batch=4, seed=0):
   model = testing.TinyCNN(features=3, num_classes=3)
   x = jax.random.normal(jax.random.key(seed), (batch, 6, 6, 2))
   y = jnp.arange(batch) % 3
-  params = model.init(jax.random.key(seed + 1), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(seed + 1), x)["params"]
   return testing.classification_loss(model, x, y), params
 
 
@@ -47,11 +47,16 @@ def test_jvp_directional_derivative_is_exact(problem, chunk_size):
   key = jax.random.key(3)
   est = fgjax.estimators.jvp(num_directions=3, chunk_size=chunk_size)
   estimate = jax.jit(lambda p: est(loss, p, key=key))(params)
-  grad = jax.grad(loss)(params)
-  directions = fgjax.estimators.sample_directions(key, params, 3)
-  expected = jnp.stack([testing.tree_vdot(grad, v) for v in directions])
+
+  @jax.jit
+  def reference(params):
+    grad = jax.grad(loss)(params)
+    directions = fgjax.estimators.sample_directions(key, params, 3)
+    return loss(params), directions, jnp.stack([testing.tree_vdot(grad, v) for v in directions])
+
+  value, directions, expected = reference(params)
   np.testing.assert_allclose(estimate.metrics["directional_derivatives"], expected, rtol=1e-5)
-  np.testing.assert_allclose(estimate.value, loss(params), rtol=1e-6)
+  np.testing.assert_allclose(estimate.value, value, rtol=1e-6)
   # The estimate is (1/K) Σ d_k v_k with those same directions.
   manual = jax.tree.map(
     lambda *vs: sum(d * v for d, v in zip(expected, vs, strict=True)) / 3, *directions
@@ -118,10 +123,8 @@ def test_cosine_grows_with_directions():
 
   def mean_cosine(num_directions):
     est = fgjax.estimators.jvp(num_directions, chunk_size=None)
-    cosines = [
-      testing.cosine(est(loss, params, key=jax.random.key(s)).grads, grad) for s in range(8)
-    ]
-    return float(jnp.mean(jnp.stack(cosines)))
+    cosine = jax.jit(lambda k: testing.cosine(est(loss, params, key=k).grads, grad))
+    return float(jnp.mean(jnp.stack([cosine(jax.random.key(s)) for s in range(8)])))
 
   few, many = mean_cosine(1), mean_cosine(64)
   assert many > few + 0.2, (few, many)

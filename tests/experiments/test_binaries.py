@@ -154,8 +154,8 @@ def _final_params(workdir):
 
 
 def test_interrupted_adaptation_resumes_bitwise(pretrained, tmp_path):
-  # Fixed-point sign-m-SPSA with stochastic rounding: the perturbation key (optimizer state) and the
-  # rounding key (TrainState.rng) both have to come back from the checkpoint.
+  # Fixed-point sign-m-SPSA with stochastic rounding: the perturbation key and the rounding key
+  # (both in the optimizer state) have to come back from the checkpoint.
   config = _digits_config()
   config.mode = "adapt"
   config.adapt.pretrained = str(pretrained)

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+import fgjax
 from fgjax import models, training
 
 
@@ -78,22 +79,46 @@ def test_passes_per_step():
   assert training.forward_passes_per_step({**spsa, "central": False})["forward"] == 4
 
 
+def _integer_step(params, updates, rounding="nearest", weight_bits=None, *, state=None):
+  """One update of `params` by the float `updates` through `make_optimizer(integer_weights=True)`
+  (sgd with learning rate -1 passes them on) and `fgjax.apply_integer_updates`."""
+  config = {"optimizer": "sgd", "optimizer_kwargs": {"learning_rate": -1.0}, "rounding": rounding}
+  opt = training.make_optimizer(
+    config, forward=False, integer_weights=True, weight_bits=weight_bits
+  )
+  if state is None:
+    state = training.TrainState.create(params, {}, opt, jax.random.key(0)).opt_state
+  out, state = opt.update(updates, state, params)
+  return fgjax.apply_integer_updates(params, out, weight_bits), state
+
+
 def test_integer_updates_round_and_saturate():
   params = {"q": jnp.array([100, -100, 5, 0], jnp.int8), "b": jnp.zeros(4)}
   updates = {"q": jnp.array([50.0, -50.0, 0.4, 0.6]), "b": jnp.full(4, 0.5)}
-  out = training.apply_updates(params, updates)
+  out, _ = _integer_step(params, updates)
   np.testing.assert_array_equal(out["q"], np.array([127, -127, 5, 1], np.int8))
   assert out["q"].dtype == jnp.int8 and np.allclose(out["b"], 0.5)
   # Stochastic rounding is unbiased: 0.25 steps on average over many draws.
   many = {"q": jnp.zeros(20000, jnp.int16)}
-  moved = training.apply_updates(
-    many, {"q": jnp.full(20000, 0.25)}, key=jax.random.key(0), rounding="stochastic"
-  )
+  moved, _ = _integer_step(many, {"q": jnp.full(20000, 0.25)}, "stochastic")
   assert abs(float(moved["q"].mean()) - 0.25) < 4 * np.sqrt(0.25 * 0.75 / 20000)
-  six_bits = training.apply_updates(
+  six_bits, _ = _integer_step(
     {"q": jnp.array([30], jnp.int8)}, {"q": jnp.array([9.0])}, weight_bits=6
   )
   assert int(six_bits["q"][0]) == 31
+
+
+def test_error_feedback_accumulates_sub_step_updates():
+  # Quarter steps: nearest rounding never moves the weight, error feedback moves it every 4th step
+  # (the residual must be initialized on the integer leaves, not on TrainState's float view).
+  params = {"q": jnp.zeros(3, jnp.int8)}
+  updates = {"q": jnp.full(3, 0.25)}
+  for rounding, expected in (("nearest", 0), ("error_feedback", 1)):
+    q, state = params, None
+    for _ in range(4):
+      q, state = _integer_step(q, updates, rounding, state=state)
+    np.testing.assert_array_equal(q["q"], np.full(3, expected, np.int8))
+  assert isinstance(state[-1].residual["q"], jax.Array)
 
 
 def test_batches_depend_only_on_seed_and_step():

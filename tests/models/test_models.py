@@ -411,3 +411,78 @@ def test_w8a8_model_is_close_to_float_and_differentiable_forward(name):
   error = float(jnp.linalg.norm(logits - float_logits) / jnp.linalg.norm(float_logits))
   assert error < 0.2, error
   assert bool(jnp.isfinite(value)) and bool(jnp.isfinite(directional))
+
+
+# Every model in float; in w8a8 one model per quantized layer type (compiling three estimators for
+# the quantized ResNets and MobileNetV2 would cost minutes of CI on 2 cores; their layers are the
+# Conv / Dense types covered here and in tests/quant).
+ESTIMATOR_CASES = [(name, "float32") for name in TINY] + [(name, "w8a8") for name in QUANT_CHECKED]
+
+
+@requires_quant
+@pytest.mark.parametrize(("name", "precision"), ESTIMATOR_CASES)
+def test_one_step_of_every_estimator(name, precision):
+  """Each model, float and w8a8, takes one step of jvp, spsa and backprop (frozen BN statistics)."""
+  import optax
+
+  import fgjax
+
+  model, shape = TINY[name]
+  model = model.clone(quant=fq.preset(precision))
+  variables, x = _init(TINY[name][0], shape)
+  labels = jnp.arange(shape[0]) % NUM_CLASSES
+  frozen = {k: v for k, v in variables.items() if k != "params"}
+
+  def loss(params):
+    logits = model.apply({**frozen, "params": params}, x, train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  estimators = {
+    "jvp": fgjax.estimators.jvp(1),
+    "spsa": fgjax.estimators.spsa(1, epsilon=1e-2),
+    "backprop": fgjax.estimators.backprop(),
+  }
+  opt = {k: optax.chain(fgjax.forward_gradient(e), optax.sgd(1e-2)) for k, e in estimators.items()}
+
+  @jax.jit
+  def steps(params):
+    out = {}
+    for k, o in opt.items():
+      updates, _ = o.update(params, o.init(params), params, value_fn=loss)
+      out[k] = (loss(params), optax.apply_updates(params, updates))
+    return out
+
+  for method, (value, new_params) in steps(variables["params"]).items():
+    assert bool(jnp.isfinite(value)), method
+    assert jax.tree.structure(new_params) == jax.tree.structure(variables["params"])
+    moved = sum(
+      float(jnp.sum(jnp.abs(a - b)))
+      for a, b in zip(
+        jax.tree.leaves(new_params), jax.tree.leaves(variables["params"]), strict=True
+      )
+    )
+    assert np.isfinite(moved) and moved > 0, (method, moved)
+
+
+def test_crnn_with_integer_weights_takes_an_spsa_step():
+  """Integer storage inside the GRU's scan: the scales are broadcast over time like params."""
+  import fgjax
+
+  model, shape = TINY["crnn"]
+  config = fq.preset("w16a8", weight_storage="integer")
+  variables, x = _init(model, shape)
+  fixed = fq.to_fixed_point(variables, config)
+  quantized = model.clone(quant=config)
+
+  def loss(params):
+    logits = quantized.apply({**fixed.frozen, "params": params}, x, train=False)
+    return jnp.mean(logits**2)
+
+  est = fgjax.estimators.spsa(
+    2, epsilon=4.0, distribution="rademacher", mask=fq.integer_mask(fixed.params)
+  )
+  estimate = jax.jit(lambda p: est(loss, p, key=jax.random.key(0)))(fixed.params)
+  kernel = fixed.params["gru_2"]["ir"]["kernel"]
+  assert kernel.dtype == jnp.int16
+  assert bool(jnp.isfinite(estimate.value))
+  assert float(jnp.max(jnp.abs(estimate.metrics["directional_derivatives"]))) > 0

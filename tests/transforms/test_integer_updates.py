@@ -250,7 +250,7 @@ def test_integer_updates_composes_with_forward_gradient_under_jit():
     return fgjax.apply_integer_updates(params, updates), state
 
   start = loss(params)
-  for _ in range(60):
+  for _ in range(120):
     params, state = step(params, state)
   assert params["w"].dtype == jnp.int16
   assert float(loss(params)) < 0.2 * float(start)
