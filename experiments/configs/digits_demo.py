@@ -11,19 +11,17 @@ or one run at a time:
   python -m experiments.main --config=experiments/configs/digits_demo.py \
     --workdir=/tmp/digits/spsa --config.mode=adapt --config.adapt.pretrained=/tmp/digits/pre
 
-Runtime: `time python -m experiments.demo` took 60 s wall (41 s user) and, in a later run,
-2 min 23 s wall (46 s user) on 2 CPU cores shared with other jobs (load average 5 and 8); the
-training loops take about 3 s (pretraining), 16 s (sign-m-SPSA) and 2 s (backprop), the rest is
-start-up and XLA compilation.
+Runtime: `time python -m experiments.demo --workdir=/tmp/final/demo` took 65 s wall (43 s user)
+on 2 CPU cores (commit 7afe999); most of it is start-up and XLA compilation.
 
-Result (seed 0, measured). Accuracy on the 619 rotated test digits; passes over all steps;
-memory is XLA's estimate for one training step (temp / total KiB), beside a backprop step on
-the same model and precision (w16a8 fake quantization for the fixed-point run):
-  pretrain, backprop, float32:        zero-shot 43.1 %, source test 98.1 %, 600 steps,
+Result (seed 0, measured with that command). Accuracy on the rotated test digits; passes over all
+steps; memory is XLA's estimate for one training step (temp / total KiB), beside a backprop step
+on the same model and precision (w16a8 fake quantization for the fixed-point run):
+  pretrain, backprop, float32:        zero-shot 44.6 %, source test 98.1 %, 600 steps,
                                       600 fwd + 600 bwd, 2886 / 3063 KiB
-  sign-m-SPSA K=4, w16a8 int weights: zero-shot 42.6 % -> adapted 80.9 %, 800 steps, 6400 fwd,
-                                      868 / 903 KiB (backprop: 1523 / 1585 KiB)
-  backprop, float32 (reference):      zero-shot 43.1 % -> adapted 90.8 %, 800 steps,
+  sign-m-SPSA K=4, w16a8 int weights: zero-shot 44.3 % -> adapted 83.8 %, 800 steps, 6400 fwd,
+                                      881 / 917 KiB (backprop: 1523 / 1585 KiB)
+  backprop, float32 (reference):      zero-shot 44.6 % -> adapted 92.2 %, 800 steps,
                                       800 fwd + 800 bwd, 1438 / 1500 KiB
 Sign-m-SPSA adapts the integer kernels only (biases stay frozen: see experiments/train.py).
 """
