@@ -3,8 +3,8 @@
 The memory of MeZO ("memory equals inference") needs each layer's perturbed weights to exist only
 while that layer runs. Passing a whole perturbed tree to the loss lets XLA compute all of them up
 front (a copy of the parameters). Instead we trace the loss to a jaxpr once and re-emit it; when an
-equation first reads a trainable leaf, the replacement is computed there, tied by an
-`optimization_barrier` to that equation's other operands (the incoming activation), so XLA cannot
+equation first reads a trainable leaf, the replacement is computed there, given that equation's
+other operands (the incoming activation) to depend on (see `_perturbation.tie`), so XLA cannot
 hoist it earlier. Works for any JAX loss function; `jit`-wrapped sub-functions are inlined so the
 tie stays at layer granularity.
 """
@@ -18,9 +18,8 @@ import jax
 from jax.extend import core as jex_core
 
 # replace(index, leaf, tie) -> (new leaf, tie'): `tie` is a tuple of values the replacement must
-# follow; the replacement passes them through an optimization_barrier together with its key and
-# returns them, and the equation then reads the tie' values (a barrier whose outputs go unused
-# would be removed, and with it the ordering).
+# follow (its draw is made to depend on them); the equation then reads the returned tie' values,
+# so a replacement may also pass them through an op of its own.
 Replace = Callable[[int, jax.Array, tuple], tuple[jax.Array, tuple]]
 
 _INLINED = ("pjit", "jit", "closed_call")
