@@ -11,10 +11,12 @@ from fgjax._masks import leaf_paths, path_mask
 from fgjax.estimators import Estimate
 from fgjax.transforms import (
   ForwardGradientState,
+  IntegerOptimizerState,
   IntegerUpdatesState,
   apply_integer_updates,
   changed_fraction,
   forward_gradient,
+  integer_optimizer,
   integer_updates,
 )
 
@@ -23,11 +25,13 @@ __version__ = "0.1.0"
 __all__ = [
   "Estimate",
   "ForwardGradientState",
+  "IntegerOptimizerState",
   "IntegerUpdatesState",
   "apply_integer_updates",
   "changed_fraction",
   "estimators",
   "forward_gradient",
+  "integer_optimizer",
   "integer_updates",
   "leaf_paths",
   "path_mask",

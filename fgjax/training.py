@@ -9,10 +9,11 @@ Importable by the binaries in `experiments/`, by tests and by Colabs. Two kinds 
   model runs with `train=False` (frozen running statistics, see `fgjax.models`), because the
   estimators evaluate the loss on perturbed weights that must not move the statistics.
 
-Integer (fixed-point) parameters get float updates from the optimizer in units of one quantization
-step; with `make_optimizer(..., integer_weights=True)` the chain ends with `fgjax.integer_updates`,
-which rounds them (nearest, stochastic or error feedback; its key and residual live in the optimizer
-state), and the step adds them with saturation (`fgjax.apply_integer_updates`).
+Integer (fixed-point) parameters: `make_optimizer(..., integer_weights=True, scales=...)` wraps the
+chain in `fgjax.integer_optimizer`, so the estimate, the optimizer state and the learning rate are
+in weight units (float32) and the last link rounds each update onto the leaf's grid (nearest,
+stochastic or error feedback; its key and residual live in the optimizer state); the step adds
+them with saturation at the dtype's bounds (`fgjax.apply_integer_updates`).
 """
 
 from __future__ import annotations
@@ -39,13 +40,6 @@ ROUNDINGS = fgjax.transforms.ROUNDINGS  # nearest, stochastic, error_feedback
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-class _IntegerWeightsOptimizer(optax.GradientTransformationExtraArgs):
-  """`optax.chain(optimizer, fgjax.integer_updates(...))` whose `init` takes the integer parameters:
-  `optimizer` is initialized on their float view, `integer_updates` on the integers themselves."""
-
-  __slots__ = ()
-
-
 class TrainState(flax.struct.PyTreeNode):
   """Everything a training run needs to resume bit for bit.
 
@@ -69,27 +63,19 @@ class TrainState(flax.struct.PyTreeNode):
 
   @classmethod
   def create(cls, params, model_state, optimizer, rng) -> TrainState:
-    """A state at step 0, with `optimizer.init` run on a float view of the parameters (so momentum
-    or Adam states are float); an optimizer of `make_optimizer(..., integer_weights=True)` gets
-    the parameters as they are and float-views them itself for all but `fgjax.integer_updates`,
-    which must see the integer leaves (error feedback keeps a residual for each)."""
-    init_params = params if isinstance(optimizer, _IntegerWeightsOptimizer) else float_view(params)
+    """A state at step 0. For integer parameters `optimizer` must come from
+    `make_optimizer(..., integer_weights=True)` (`fgjax.integer_optimizer`: float states)."""
     return cls(
       step=jnp.zeros((), jnp.int32),
       params=params,
       model_state=dict(model_state),
-      opt_state=optimizer.init(init_params),
+      opt_state=optimizer.init(params),
       rng=rng,
     )
 
 
 def is_integer(leaf) -> bool:
   return jnp.issubdtype(jnp.result_type(leaf), jnp.integer)
-
-
-def float_view(params: PyTree) -> PyTree:
-  """Integer leaves as float32 (same values), so optimizer states (momentum, Adam) are float."""
-  return jax.tree.map(lambda p: p.astype(jnp.float32) if is_integer(p) else p, params)
 
 
 def trainable_mask(params: PyTree, subset: str = "full", *, last_k: int = 1) -> PyTree:
@@ -138,11 +124,12 @@ def _get(config, name, default=None):
   return getattr(config, name, default) if hasattr(config, name) else default
 
 
-def make_estimator(config, mask=None):
+def make_estimator(config, mask=None, scales=None):
   """The estimator named by `config.method`: backprop, jvp, spsa, or sign_spsa (sign-m-SPSA).
 
-  Reads `num_directions`, `epsilon`, `central`, `distribution`, `sign_scale`, `chunk_size` from
-  `config` (a ConfigDict or dict); `mask` is passed on.
+  Reads `num_directions`, `epsilon` (weight units), `central`, `distribution`, `sign_scale`,
+  `chunk_size` from `config` (a ConfigDict or dict); `mask` and `scales` (the grid steps of
+  integer leaves, `fgjax.quant.leaf_scales`) are passed on.
   """
   method = _get(config, "method", "backprop")
   chunk_size = _get(config, "chunk_size", "auto")
@@ -165,6 +152,7 @@ def make_estimator(config, mask=None):
       distribution=_get(config, "distribution", "normal"),
       chunk_size=chunk_size,
       mask=mask,
+      scales=scales,
     )
   raise ValueError(f"method: unknown {method!r}; valid: {', '.join(METHODS)}.")
 
@@ -195,7 +183,7 @@ def make_optimizer(
   forward: bool = True,
   seed: int = 0,
   integer_weights: bool = False,
-  weight_bits: int | None = None,
+  scales: dict | None = None,
 ):
   """An optax optimizer by name, behind the estimator of `config.method` when `forward`.
 
@@ -206,12 +194,12 @@ def make_optimizer(
   chain starts with `fgjax.forward_gradient(make_estimator(config, mask), seed)`, and `update`
   needs `value_fn=`; with `forward=False` it takes ordinary gradients.
 
-  With `integer_weights=True` (fixed-point parameters) the chain ends with
-  `fgjax.integer_updates(config.rounding, bits=weight_bits, mask=mask)` (rounding "nearest",
-  "stochastic" or "error_feedback"; its key is seeded from `seed`): the updates of integer leaves
-  become integer steps that keep `q + Δ` on the `weight_bits`-bit grid (None: the dtype's width),
-  and `update` needs `params`; its `init` takes the integer parameters (`TrainState.create` passes
-  them as they are).
+  With `integer_weights=True` (fixed-point parameters) the chain is wrapped in
+  `fgjax.integer_optimizer(chain, scales=scales, rounding=config.rounding, mask=mask)` (rounding
+  "nearest", "stochastic" or "error_feedback"; its key is seeded from `seed`): the optimizer state
+  and learning rate are in weight units, and the updates of integer leaves become integer steps
+  that keep `q + Δ` on the leaf's grid (its dtype's bit width). `scales` (`{path: grid step}`,
+  `fgjax.quant.leaf_scales`) is required then, and is also handed to the estimator.
 
   Raises:
     ValueError: the optimizer name is not an optax optimizer, or its kwargs don't fit, or an
@@ -247,17 +235,15 @@ def make_optimizer(
   if mask is not None:
     labels = jax.tree.map(lambda on: "train" if on else "freeze", mask)
     optimizer = optax.partition({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+  if integer_weights and scales is None:
+    raise ValueError("scales: integer weights need their grid steps (fgjax.quant.leaf_scales).")
   if forward:
-    optimizer = optax.chain(fgjax.forward_gradient(make_estimator(config, mask), seed), optimizer)
+    estimator = make_estimator(config, mask, scales if integer_weights else None)
+    optimizer = optax.chain(fgjax.forward_gradient(estimator, seed), optimizer)
   if integer_weights:
     rounding = _get(config, "rounding", "nearest") or "nearest"
-    inner = optimizer
-    link = fgjax.integer_updates(rounding, _rounding_seed(seed), bits=weight_bits, mask=mask)
-    chained = optax.chain(inner, link)
-    # The state of `chained`, with `inner` on a float view (float momentum or Adam states) and
-    # `link` on the integer parameters (see `TrainState.create`).
-    optimizer = _IntegerWeightsOptimizer(
-      lambda params: (inner.init(float_view(params)), link.init(params)), chained.update
+    optimizer = fgjax.integer_optimizer(
+      optimizer, scales=scales, rounding=rounding, seed=_rounding_seed(seed), mask=mask
     )
   return optimizer
 
@@ -288,7 +274,6 @@ def train_step(
   model,
   optimizer,
   update_batch_stats: bool = False,
-  weight_bits: int | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One step. Returns the new state and metrics (`loss`, plus estimator health for forward
   methods). Jit it with `make_train_step` (static model and optimizer, donated state).
@@ -297,10 +282,10 @@ def train_step(
   `optimizer` takes plain gradients). Otherwise: adaptation with `train=False`; `optimizer` must
   start with `fgjax.forward_gradient` (see `make_optimizer`).
 
-  The updates are added by `fgjax.apply_integer_updates(params, updates, weight_bits)`: float
-  leaves as `optax.apply_updates`, integer leaves with a saturating add at `±(2^{b-1} - 1)`. For
-  integer weights the optimizer should end with `fgjax.integer_updates` (`make_optimizer(...,
-  integer_weights=True)`), which does the rounding; the metrics then include its
+  The updates are added by `fgjax.apply_integer_updates(params, updates)`: float leaves as
+  `optax.apply_updates`, integer leaves with a saturating add at their dtype's `±(2^{b-1} - 1)`.
+  For integer weights the optimizer comes from `make_optimizer(..., integer_weights=True)`
+  (`fgjax.integer_optimizer`), which does the rounding; the metrics then include its
   `changed_fraction` (the fraction of trainable integer weights the step moved).
   """
   variables = lambda params: {"params": params, **state.model_state}
@@ -323,8 +308,9 @@ def train_step(
     def value_fn(params):
       return cross_entropy(model.apply(variables(params), batch.x, train=False), batch.y)
 
+    # The incoming updates are ignored: the first link estimates the gradient from value_fn.
     updates, opt_state = optimizer.update(
-      float_view(state.params), state.opt_state, state.params, value_fn=value_fn
+      state.params, state.opt_state, state.params, value_fn=value_fn
     )
     model_state = state.model_state
     forward_state = _forward_state(opt_state)
@@ -335,7 +321,7 @@ def train_step(
   integer_state = _find_state(opt_state, fgjax.IntegerUpdatesState)
   if integer_state is not None:
     metrics["changed_fraction"] = integer_state.changed_fraction
-  params = fgjax.apply_integer_updates(state.params, updates, weight_bits)
+  params = fgjax.apply_integer_updates(state.params, updates)
   new_state = state.replace(
     step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
   )

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fgjax import _masks
 from fgjax.estimators import _perturbation
@@ -37,6 +38,32 @@ class Estimate(NamedTuple):
 def check_positive_int(name: str, value) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"{name}: expected an integer >= 1, got {value!r}.")
+
+
+def check_scales(scales, epsilon: float) -> dict | None:
+  """Validates an estimator's `scales` ({path: grid step}) against ε; returns them as a dict.
+
+  A leaf whose coarsest grid step is 2ε or more would be perturbed by round(ε z / s) = 0 steps
+  for most (Rademacher: all) directions, an exactly zero estimate: refuse it.
+  """
+  if scales is None:
+    return None
+  if not isinstance(scales, dict):
+    raise ValueError(f"scales: expected a dict {{leaf path: grid step}}, got {type(scales)}.")
+  for name, value in scales.items():
+    try:
+      largest = float(np.max(np.asarray(value)))
+    except jax.errors.TracerArrayConversionError:
+      continue  # Built under a trace: the values are checked where they are concrete.
+    if not np.isfinite(largest) or largest <= 0:
+      raise ValueError(f"scales: the grid step of {name!r} must be finite and > 0, got {largest}.")
+    if epsilon <= 0.5 * largest:
+      raise ValueError(
+        f"epsilon={epsilon:g} is at most half a grid step of {name!r} (step up to {largest:.3g}): "
+        f"its perturbation rounds to zero; use epsilon > {0.5 * largest:.3g} (weight units) or "
+        "more weight bits."
+      )
+  return dict(scales)
 
 
 def check_chunk_size(chunk_size) -> None:
@@ -85,16 +112,36 @@ def scalar_loss(loss_fn: LossFn, leaves_to_tree: Callable, *args, **kwargs) -> C
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-  """Parameters split into leaves, with the mask resolved once per trace."""
+  """Parameters split into leaves, with the mask resolved once per trace.
+
+  `grid_scales[i]` is the grid step `s` of trainable integer leaf i (`w = s q`, from the
+  estimator's `scales`), None for float and frozen leaves.
+  """
 
   leaves: list[jax.Array]
   treedef: Any
   trainable: tuple[bool, ...]
+  grid_scales: tuple[Any, ...] = ()
 
   @classmethod
-  def create(cls, params: PyTree, mask) -> Problem:
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    return cls(leaves, treedef, _masks.resolve_mask(mask, params))
+  def create(cls, params: PyTree, mask, scales=None) -> Problem:
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [leaf for _, leaf in leaves_with_path]
+    trainable = _masks.resolve_mask(mask, params)
+    grid_scales = []
+    for (path, leaf), on in zip(leaves_with_path, trainable, strict=True):
+      if not (on and _perturbation.is_integer(leaf)):
+        grid_scales.append(None)
+        continue
+      name = _masks.path_to_str(path)
+      if scales is None or name not in scales:
+        raise ValueError(
+          f"scales: integer leaf {name!r} ({jnp.result_type(leaf)}) needs its grid step: pass "
+          "scales=fgjax.quant.leaf_scales(params, frozen) (epsilon is in weight units), or mask "
+          "the leaf out."
+        )
+      grid_scales.append(jnp.asarray(scales[name], jnp.float32))
+    return cls(leaves, treedef, trainable, tuple(grid_scales))
 
   def to_tree(self, leaves: Sequence[jax.Array]) -> PyTree:
     return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
@@ -140,8 +187,12 @@ def combine(
   epsilon,
   distribution: str,
   scale=1.0,
+  central: bool = True,
 ) -> PyTree:
   """g = (scale / K) Σ_k c_k z_k, with each z_k regenerated from keys[k] leaf by leaf.
+
+  On integer leaves z_k is the move really made (`_perturbation.effective_direction`), in weight
+  units, so the estimate is a weight-space gradient for float and integer leaves alike.
 
   Up to _UNROLL_LIMIT directions the sum is unrolled into one fusible expression per leaf; beyond,
   a loop accumulates one direction at a time. The result does not depend on chunk_size.
@@ -152,7 +203,9 @@ def combine(
 
   def leaf_term(key, index, leaf):
     z = _perturbation.direction(key, index, leaf, distribution)
-    return _perturbation.effective_direction(leaf, z, epsilon).astype(grad_dtype(leaf))
+    grid = problem.grid_scales[index] if problem.grid_scales else None
+    moved = _perturbation.effective_direction(leaf, z, epsilon, grid, central)
+    return moved.astype(grad_dtype(leaf))
 
   for index, (leaf, on) in enumerate(zip(problem.leaves, problem.trainable, strict=True)):
     dtype = grad_dtype(leaf)

@@ -6,9 +6,10 @@ exact derivative d = ∇L·z, E[d z] = ∇L: the estimate is unbiased.
 - "rademacher": each z_i = ±1 with probability 1/2 (cheaper, and on the integer grid when ε is an
   integer number of quantization steps).
 
-Integer leaves (fixed-point weights) are perturbed on their grid: the step is round(ε z) in units of
-one quantization step, added with saturation at the dtype's symmetric bounds (±127 for int8,
-±32767 for int16; never wrap-around).
+Integer leaves (fixed-point weights `w = s q`, `s` the leaf's grid step from `leaf_scales`) are
+perturbed on their grid: ε is in weight units, as for float leaves, and the move is
+round(ε z / s) grid steps, added with saturation at the dtype's symmetric bounds (±7 for int4,
+±127 for int8, ±32767 for int16; never wrap-around).
 """
 
 from __future__ import annotations
@@ -113,25 +114,38 @@ def _cos_2pi(u: jax.Array) -> jax.Array:
   return jnp.where(flip, c, -c)
 
 
-def grid_step(leaf: jax.Array, z: jax.Array, epsilon) -> jax.Array:
-  """The perturbation of an integer leaf for a direction z: round(ε z) quantization steps."""
-  return jnp.round(epsilon * z)
+def grid_step(z: jax.Array, epsilon, grid_scale) -> jax.Array:
+  """The move of an integer leaf for a direction z, in grid steps: round(ε z / s) (int32)."""
+  return jnp.round(epsilon * z / grid_scale).astype(jnp.int32)
 
 
-def effective_direction(leaf: jax.Array, z: jax.Array, epsilon) -> jax.Array:
-  """The direction the perturbation really moved along, divided by ε (z itself for float leaves)."""
-  if is_integer(leaf):
-    return grid_step(leaf, z, epsilon) / epsilon
-  return z
+def effective_direction(
+  leaf: jax.Array, z: jax.Array, epsilon, grid_scale=None, central: bool = True
+) -> jax.Array:
+  """The direction the two evaluation points really differ by, divided by (2)ε, in weight units.
+
+  For a float leaf this is z. An integer leaf moves by r = round(ε z / s) steps, clipped at its
+  bounds, so the credited direction is the move actually made (after rounding and saturation):
+  central, s (sat(q + r) − sat(q − r)) / (2ε); one-sided, s (sat(q + r) − q) / ε. Then
+  d = (L₊ − L₋) / (2ε) ≈ ∇L·direction, to first order, whatever rounding did.
+  """
+  if not is_integer(leaf):
+    return z
+  r = grid_step(z, epsilon, grid_scale)
+  up = saturating_add(leaf, r).astype(jnp.int32)
+  if central:
+    down = saturating_add(leaf, -r).astype(jnp.int32)
+    return (up - down).astype(jnp.float32) * (grid_scale / (2.0 * epsilon))
+  return (up - leaf.astype(jnp.int32)).astype(jnp.float32) * (grid_scale / epsilon)
 
 
 def perturb_leaf(
-  index: int, leaf: jax.Array, key: jax.Array, scale, distribution: str
+  index: int, leaf: jax.Array, key: jax.Array, scale, distribution: str, grid_scale=None
 ) -> jax.Array:
-  """leaf moved by scale · z(key, index): on the grid with saturation for integer leaves."""
+  """leaf moved by scale · z(key, index): on the grid (step `grid_scale`) for integer leaves."""
   z = direction(key, index, leaf, distribution)
   if is_integer(leaf):
-    return saturating_add(leaf, grid_step(leaf, z, scale).astype(jnp.int32))
+    return saturating_add(leaf, grid_step(z, scale, grid_scale))
   return leaf + (scale * z).astype(leaf.dtype)
 
 

@@ -8,6 +8,7 @@ fixed-point setting from Chen et al., "Stepping Forward on the Last Mile" (NeurI
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,10 @@ class SPSA:
   distribution: str = "normal"
   chunk_size: int | str | None = "auto"
   mask: object = None
+  scales: dict | None = dataclasses.field(default=None, compare=False)
 
   def __call__(self, loss_fn, params, *args, key, **kwargs) -> _base.Estimate:
-    problem = _base.Problem.create(params, self.mask)
+    problem = _base.Problem.create(params, self.mask, self.scales)
     loss = _base.scalar_loss(loss_fn, problem.to_tree, *args, **kwargs)
     eps = self.epsilon
     keys = jax.random.split(key, self.num_directions)
@@ -39,7 +41,9 @@ class SPSA:
       # Each trainable leaf is moved just before the op that reads it (see _lazy).
       def replace(index, leaf, tie):
         key = _perturbation.tie(k, tie)
-        return _perturbation.perturb_leaf(index, leaf, key, scale, self.distribution), tie
+        grid = problem.grid_scales[index]
+        moved = _perturbation.perturb_leaf(index, leaf, key, scale, self.distribution, grid)
+        return moved, tie
 
       return _lazy.call_with_replaced_leaves(loss, problem.leaves, problem.trainable, replace)
 
@@ -68,6 +72,7 @@ class SPSA:
       eps,
       self.distribution,
       scale=self.sign_scale if self.sign else 1.0,
+      central=self.central,
     )
     return _base.Estimate(value, grads, _base.health_metrics(derivatives, plus == minus))
 
@@ -82,6 +87,7 @@ def spsa(
   distribution: str = "normal",
   chunk_size: int | str | None = "auto",
   mask=None,
+  scales: dict | None = None,
 ) -> SPSA:
   r"""SPSA gradient estimator from forward calls only (zeroth order, MeZO-style memory).
 
@@ -97,8 +103,17 @@ def spsa(
   quantized forwards (Chen et al., "Stepping Forward on the Last Mile", NeurIPS 2024).
 
   Perturbations are regenerated from per-direction keys each time they are needed (MeZO's trick);
-  nothing is stored or "restored". Integer (fixed-point) leaves are perturbed on their grid by
-  round(ε z) steps with saturation, and ε is then in units of one quantization step.
+  nothing is stored or "restored".
+
+  Fixed point (QZO-FF): an integer leaf `q` with grid step `s` (`w = s q`, from `scales`) is
+  perturbed on its grid by r = round(ε z / s) steps with saturation, so ε is in weight units for
+  every leaf and a change of precision keeps the same perturbation in weight space; float leaves
+  (biases) train beside integer ones. Its z_k in the estimate is the move actually made,
+  s (sat(q + r) − sat(q − r)) / (2ε), and the estimate is in weight units. What holds then:
+  E[ĝ] = E[z̃ z̃ᵀ] ∇L + O(ε²) with z̃ that credited direction, diagonal but not I (rounding changes
+  each coordinate's second moment, saturation removes moves at the bounds): a positive
+  per-coordinate rescaling of ∇L, unbiased only when ε / s is an integer with Rademacher
+  directions away from the bounds.
 
   Args:
     num_directions: K >= 1, the number of random directions averaged.
@@ -111,6 +126,9 @@ def spsa(
       chunks of c (`lax.map`), "auto" for the backend's faster choice (CPU: 1, else all).
     mask: which leaves are perturbed and estimated (pytree of bools or predicate on "a/b/kernel"
       paths); the others are never perturbed and get exact zeros.
+    scales: `{leaf path: grid step}` for integer leaves (`fgjax.quant.leaf_scales`, or
+      `to_fixed_point(...).scales`); required for every trainable integer leaf. ε must exceed half
+      of each leaf's largest grid step (else its perturbation rounds to zero: ValueError).
 
   Returns:
     An estimator: `est(loss_fn, params, *args, key=key) -> Estimate(value, grads, metrics)`.
@@ -120,12 +138,21 @@ def spsa(
     >>> loss, grads = fgjax.value_and_grad(loss_fn, est)(params, batch, key=key)
   """
   _base.check_positive_int("num_directions", num_directions)
-  if not (isinstance(epsilon, int | float) and epsilon > 0):
-    raise ValueError(f"epsilon: expected a number > 0, got {epsilon!r}.")
+  if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon > 0):
+    raise ValueError(f"epsilon: expected a finite number > 0, got {epsilon!r}.")
   if not (isinstance(sign_scale, int | float) and sign_scale > 0):
     raise ValueError(f"sign_scale: expected a number > 0, got {sign_scale!r}.")
   _perturbation.check_distribution(distribution)
   _base.check_chunk_size(chunk_size)
+  scales = _base.check_scales(scales, float(epsilon))
   return SPSA(
-    num_directions, float(epsilon), central, sign, float(sign_scale), distribution, chunk_size, mask
+    num_directions,
+    float(epsilon),
+    central,
+    sign,
+    float(sign_scale),
+    distribution,
+    chunk_size,
+    mask,
+    scales,
   )

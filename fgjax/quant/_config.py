@@ -2,6 +2,8 @@
 
 import dataclasses
 
+from fgjax.quant._integer import STORAGE_BITS
+
 ACT_GRANULARITIES = ("per_tensor", "per_token")
 WEIGHT_STORAGES = ("float", "integer")
 COMPUTE_DTYPES = ("bfloat16",)
@@ -41,9 +43,10 @@ class QuantConfig:
       row of the activation, i.e. shared over the contracting axes; for convolutions one scale per
       example, since the window sum mixes pixels).
     weight_storage: `"float"`: float master weights quantized on the fly in each forward (AQT-style
-      fake-quant training); `"integer"`: the `kernel` param itself is an integer array (int8 for
-      <= 8 bits, int16 above) and its per-output-channel float scale lives in the `"quant"`
-      collection as `kernel_scale`, so fixed-point training can perturb and update the integers.
+      fake-quant training); `"integer"`: the `kernel` param itself is an integer array whose
+      dtype is the bit width (int4, int8 or int16, so `weight_bits` must be 4, 8 or 16) and its
+      per-output-channel float scale lives in the `"quant"` collection as `kernel_scale`, so
+      fixed-point training can perturb and update the integers on their grid.
     compute_dtype: `None` or `"bfloat16"`: cast float operands to bfloat16 with float32
       accumulation. Only allowed when neither side is integer-quantized.
 
@@ -75,6 +78,11 @@ weight_storage='float', compute_dtype=None)
       )
     if self.weight_storage == "integer" and self.weight_bits is None:
       raise ValueError('weight_storage="integer" needs weight_bits (an int), got weight_bits=None.')
+    if self.weight_storage == "integer" and self.weight_bits not in STORAGE_BITS:
+      raise ValueError(
+        f'weight_storage="integer" needs weight_bits in {STORAGE_BITS} (stored as int4, int8, '
+        f"int16: the dtype carries the bit width), got {self.weight_bits}."
+      )
     if self.compute_dtype is not None:
       if self.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(

@@ -24,8 +24,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fgjax import _masks
 from fgjax.quant._config import QuantConfig
-from fgjax.quant._layers import dequantize_params, quantize_params
+from fgjax.quant._layers import QUANT_COLLECTION, dequantize_params, quantize_params
 
 PyTree = Any
 
@@ -60,7 +61,8 @@ class FixedPointVariables(NamedTuple):
   """Integer-storage variables split into what training may change and what it must not.
 
   Attributes:
-    params: the `"params"` collection: int8 (<= 8 bits) or int16 kernels and float biases.
+    params: the `"params"` collection: int4 / int8 / int16 kernels (the dtype is the bit width)
+      and float biases.
     frozen: every other collection: `"quant"` (per-output-channel `kernel_scale`, float32) and
       e.g. `"batch_stats"`; closed over by the loss (`bind_frozen`).
   """
@@ -68,8 +70,49 @@ class FixedPointVariables(NamedTuple):
   params: PyTree
   frozen: PyTree
 
+  @property
+  def scales(self) -> dict[str, jax.Array]:
+    """`leaf_scales(params, frozen)`: the scale of every integer leaf, by path."""
+    return leaf_scales(self.params, self.frozen)
 
-def to_fixed_point(variables: Mapping[str, Any], config: QuantConfig) -> FixedPointVariables:
+
+def leaf_scales(params: PyTree, frozen: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """The grid step of every integer leaf, keyed by its path ("Dense_0/kernel").
+
+  An integer kernel `q` stands for the weights `w = s q`; `s` (per output channel) is the
+  `kernel_scale` that the layer keeps in the `"quant"` collection. Estimators and optimizers take
+  this dict (`spsa(..., scales=)`, `fgjax.integer_optimizer(..., scales=)`) to work in weight
+  units: ε and the learning rate mean the same step in weight space whatever the precision.
+
+  Args:
+    params: the `"params"` collection (integer kernels, float biases).
+    frozen: the other collections, holding `"quant"` (or the full variables dict).
+
+  Returns:
+    `{path: float32 scale broadcastable to the leaf}` for every integer leaf.
+
+  Raises:
+    ValueError: an integer leaf has no `kernel_scale` beside it.
+  """
+  quant = frozen.get(QUANT_COLLECTION, {})
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.integer):
+      continue
+    names = _masks.path_to_str(path).split("/")
+    node = quant
+    for name in names[:-1]:
+      node = node.get(name, {}) if isinstance(node, Mapping) else {}
+    scale_name = f"{names[-1]}_scale"
+    if not isinstance(node, Mapping) or scale_name not in node:
+      raise ValueError(f"leaf_scales: integer leaf {'/'.join(names)!r} has no {scale_name}.")
+    out["/".join(names)] = jnp.asarray(node[scale_name], jnp.float32)
+  return out
+
+
+def to_fixed_point(
+  variables: Mapping[str, Any], config: QuantConfig, *, like: Mapping[str, Any] | None = None
+) -> FixedPointVariables:
   """Quantizes float (pretrained) variables to integer weight storage and splits them.
 
   .. math::
@@ -80,7 +123,9 @@ def to_fixed_point(variables: Mapping[str, Any], config: QuantConfig) -> FixedPo
 
   Args:
     variables: float variables `{"params": ..., other collections}` (or a bare params tree).
-    config: the precision, e.g. `preset("w16a8")`; its `weight_bits` sets the grid.
+    config: the precision, e.g. `preset("w16a8")`; its `weight_bits` sets the grid (4, 8, 16).
+    like: the integer-storage model's variables or shapes, for the calibration axes (see
+      `quantize_params`; needed for multi-feature `DenseGeneral`, e.g. attention).
 
   Returns:
     `FixedPointVariables(params, frozen)`.
@@ -90,7 +135,7 @@ def to_fixed_point(variables: Mapping[str, Any], config: QuantConfig) -> FixedPo
     >>> model = MLP(quant=integer_storage(preset("w8a8")))
     >>> logits = model.apply({"params": fixed.params, **fixed.frozen}, x)
   """
-  quantized = quantize_params(variables, config)
+  quantized = quantize_params(variables, config, like=like)
   frozen = {k: v for k, v in quantized.items() if k != "params"}
   return FixedPointVariables(quantized["params"], frozen)
 
@@ -128,9 +173,8 @@ def bind_frozen(apply_fn: Callable, frozen: PyTree) -> Callable:
 def integer_mask(params: PyTree) -> PyTree:
   """A pytree of bools with the structure of `params`: True at the integer leaves (kernels).
 
-  The mask for SPSA in integer steps: float leaves (biases) would be perturbed by ε in weight
-  units, which is a different scale. Combine with a path mask for a subset, e.g.
-  `lambda path, leaf: path.startswith("head/") and is_integer(leaf)`.
+  For training the kernels only. Float leaves (biases) can train beside them: ε and the learning
+  rate are in weight units for both (integer leaves through their `leaf_scales`).
   """
   return jax.tree.map(lambda leaf: bool(jnp.issubdtype(jnp.result_type(leaf), jnp.integer)), params)
 

@@ -20,20 +20,37 @@ def max_int(bits: int) -> int:
   return 2 ** (bits - 1) - 1
 
 
-def integer_dtype(bits: int) -> jnp.dtype:
-  """Storage dtype for `bits`-bit integers: int8 up to 8 bits, int16 up to 16, else int32.
+# Bit widths that integer weight storage supports: the storage dtype *is* the bit width, so every
+# consumer (perturbation, update, saturation, `changed_fraction`) reads it from the leaf itself.
+STORAGE_BITS = (4, 8, 16)
+_STORAGE_DTYPES = {4: jnp.dtype(jnp.int4), 8: jnp.dtype(jnp.int8), 16: jnp.dtype(jnp.int16)}
 
-  Sub-byte widths are held in int8 because XLA's CPU backend rejects int4 dot/conv operands.
+
+def integer_dtype(bits: int) -> jnp.dtype:
+  """Storage dtype of `bits`-bit integer weights: int4, int8 or int16 (`STORAGE_BITS`).
+
+  The dtype carries the bit width, so a 4-bit weight saturates at ±7 wherever it is perturbed or
+  updated (there is no separate `bits` setting to forget). XLA:CPU rejects int4 dot/conv operands,
+  so the quantized ops widen int4 to int8 just before the contraction.
+
+  Raises:
+    ValueError: `bits` is not one of `STORAGE_BITS`.
   """
-  if bits <= 8:
-    return jnp.dtype(jnp.int8)
-  if bits <= 16:
-    return jnp.dtype(jnp.int16)
-  return jnp.dtype(jnp.int32)
+  if bits not in _STORAGE_DTYPES:
+    raise ValueError(
+      f"integer weight storage supports weight_bits in {STORAGE_BITS} (int4, int8, int16), got "
+      f"{bits!r}; other widths need weight_storage='float' (fake quantization)."
+    )
+  return _STORAGE_DTYPES[bits]
+
+
+def bits_of(dtype) -> int:
+  """Bit width of an integer dtype (int4 -> 4, int8 -> 8, int16 -> 16)."""
+  return int(jnp.iinfo(dtype).bits)
 
 
 def _bits_of(dtype) -> int:
-  return jnp.iinfo(dtype).bits
+  return bits_of(dtype)
 
 
 def saturating_add(x: jax.Array, delta: jax.Array, bits: int | None = None) -> jax.Array:
@@ -45,9 +62,10 @@ def saturating_add(x: jax.Array, delta: jax.Array, bits: int | None = None) -> j
   overflowing case is detected by comparing against `bound - delta`, which cannot overflow).
 
   Args:
-    x: signed integer array (int8, int16 or int32).
+    x: signed integer array (int4, int8, int16 or int32).
     delta: signed integer array broadcastable to `x`.
-    bits: bit width of the range; default: the width of `x.dtype`.
+    bits: bit width of the range; default (and maximum): the width of `x.dtype`, e.g. ±7 for
+      int4 weights.
 
   Returns:
     An array of `x.dtype` and the broadcast shape, inside the range.
@@ -112,8 +130,10 @@ def round_stochastic(key: jax.Array, x: jax.Array, dtype=None) -> jax.Array:
   return out if dtype is None else out.astype(dtype)
 
 
-def quantize_kernel(kernel: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
-  """Symmetric per-output-channel (last axis) quantization of a float kernel.
+def quantize_kernel(
+  kernel: jax.Array, bits: int, reduce_axes: tuple[int, ...] | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """Symmetric per-output-channel quantization of a float kernel.
 
   .. math:: s_c = \\max_{i} |w_{i,c}| / (2^{b-1}-1), \\qquad
      q_{i,c} = \\operatorname{round}(w_{i,c} / s_c)
@@ -121,21 +141,25 @@ def quantize_kernel(kernel: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]
   (a channel of zeros gets :math:`s_c = 1 / (2^{b-1}-1)`, as in AQT).
 
   Args:
-    kernel: float array whose last axis is the output channel (Dense, Conv, DenseGeneral with one
-      feature axis).
-    bits: weight bit width.
+    kernel: float kernel.
+    bits: weight bit width, one of `STORAGE_BITS`.
+    reduce_axes: the contracting (input) axes, reduced by the abs-max; default: all but the last
+      (Dense, Conv). A `DenseGeneral((heads, head_dim))` kernel of shape `(in, heads, head_dim)`
+      has one scale per `(head, dim)`: `reduce_axes=(0,)`.
 
   Returns:
-    `(q, scale)`: `q` of `integer_dtype(bits)` and the kernel's shape; `scale` float32 of shape
-    `(1, ..., 1, channels)`, so `q * scale` broadcasts back. `|q * scale - kernel| <= scale / 2`.
+    `(q, scale)`: `q` of `integer_dtype(bits)` and the kernel's shape; `scale` float32 with the
+    kernel's rank and size 1 on `reduce_axes`, so `q * scale` broadcasts back.
+    `|q * scale - kernel| <= scale / 2`.
   """
   kernel = jnp.asarray(kernel, jnp.float32)
-  reduce_axes = tuple(range(kernel.ndim - 1))
+  if reduce_axes is None:
+    reduce_axes = tuple(range(kernel.ndim - 1))
   absmax = jnp.max(jnp.abs(kernel), axis=reduce_axes, keepdims=True)
   absmax = jnp.where(absmax == 0.0, 1.0, absmax)
   scale = absmax / max_int(bits)
   q = jnp.clip(round_nearest(kernel / scale), -max_int(bits), max_int(bits))
-  return q.astype(integer_dtype(bits)), scale
+  return q.astype(integer_dtype(bits)), scale.astype(jnp.float32)
 
 
 def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:

@@ -1,6 +1,7 @@
 """Flax layers that take an optional `QuantConfig`, and float <-> integer parameter conversion."""
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ from fgjax.quant import _ops
 from fgjax.quant._config import QuantConfig
 from fgjax.quant._integer import (
   dequantize,
+  integer_dtype,
   quantize_kernel,
 )
 
@@ -70,6 +72,14 @@ class _QuantMixin:
     def op(*args, **kwargs):
       if has_scale:
         scale = self.get_variable(QUANT_COLLECTION, KERNEL_SCALE)
+        expected = self._kernel_scale_shape(jnp.zeros((1, self._num_features()))).shape
+        if tuple(scale.shape) != tuple(expected):
+          # A scale calibrated on other axes would broadcast silently (e.g. (1, 1, 4) for a
+          # (1, 2, 4) DenseGeneral): refuse it.
+          raise ValueError(
+            f"{self.name}: kernel_scale has shape {tuple(scale.shape)}, the layer expects "
+            f"{tuple(expected)}; convert with quantize_params(..., like=model's variables)."
+          )
       else:
         scale = init_scale["value"]
       return make_op(config, kernel_scale=scale)(*args, **kwargs)
@@ -100,6 +110,9 @@ class Dense(_QuantMixin, nn.Dense):
   quant: QuantConfig | None = None
   _op_field = "dot_general"
 
+  def _num_features(self):
+    return self.features
+
   def _kernel_scale_shape(self, scale):
     return scale
 
@@ -120,6 +133,10 @@ class DenseGeneral(_QuantMixin, nn.DenseGeneral):
 
   quant: QuantConfig | None = None
   _op_field = "dot_general"
+
+  def _num_features(self):
+    features = self.features if isinstance(self.features, tuple | list) else (self.features,)
+    return math.prod(features)
 
   def _kernel_scale_shape(self, scale):
     features = self.features if isinstance(self.features, tuple | list) else (self.features,)
@@ -146,8 +163,11 @@ class Conv(_QuantMixin, nn.Conv):
   quant: QuantConfig | None = None
   _op_field = "conv_general_dilated"
 
+  def _num_features(self):
+    return self.features
+
   def _kernel_scale_shape(self, scale):
-    return scale
+    return scale.reshape((1,) * len(self.kernel_size) + (1, self.features))
 
   @nn.compact
   def __call__(self, inputs):
@@ -160,47 +180,68 @@ def _is_float(x) -> bool:
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def quantize_params(variables: Mapping[str, Any], config: QuantConfig) -> dict[str, Any]:
+def quantize_params(
+  variables: Mapping[str, Any], config: QuantConfig, *, like: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
   """Converts float (e.g. pretrained) variables to integer weight storage.
 
-  Every float `kernel` becomes `quantize_kernel(kernel, config.weight_bits)`: symmetric, one scale
-  per output channel (the kernel's last axis, right for Dense, Conv and single-feature
-  DenseGeneral), :math:`s = \\max|w| / (2^{b-1}-1)`. Scales go to the `"quant"` collection under
-  the same path with the name `kernel_scale`. Biases and other params are unchanged.
+  Every float `kernel` becomes `quantize_kernel(kernel, config.weight_bits, axes)`: symmetric, one
+  scale per output index, :math:`s = \\max|w| / (2^{b-1}-1)` over the contracting axes. Those axes
+  are read from `like`, the integer-storage variables of the model (or their shapes,
+  `jax.eval_shape(model.init, ...)`): its `kernel_scale` has size 1 exactly on them, so a
+  `DenseGeneral((heads, head_dim))` gets one scale per `(head, dim)`, as its own initializer makes.
+  Without `like`, all axes but the last are reduced (right for Dense and Conv, not for a
+  multi-feature DenseGeneral: its layer then refuses the scale's shape with a ValueError).
 
   Args:
     variables: `{"params": ..., other collections}` or a bare params tree.
-    config: a config with `weight_bits`.
+    config: a config with `weight_bits` in `STORAGE_BITS` (4, 8 or 16).
+    like: the integer-storage model's variables or shapes (`{"params", "quant", ...}`).
 
   Returns:
     A variables dict `{"params": int kernels, "quant": scales, other collections}` that layers
     built with `dataclasses.replace(config, weight_storage="integer")` accept.
+
+  Raises:
+    ValueError: no `weight_bits`, an unsupported bit width, or `like` without a scale for a
+      kernel.
   """
   if config is None or config.weight_bits is None:
     raise ValueError("quantize_params needs a QuantConfig with weight_bits.")
+  integer_dtype(config.weight_bits)  # Raises for a width that integer storage cannot hold.
   if "params" in variables:
     params = variables["params"]
     others = {k: v for k, v in variables.items() if k not in ("params", QUANT_COLLECTION)}
   else:
     params, others = variables, {}
+  like_scales = None if like is None else like.get(QUANT_COLLECTION, {})
 
-  def convert(tree):
+  def convert(tree, like_tree, path):
     new_params, scales = {}, {}
     for key, value in tree.items():
       if isinstance(value, Mapping):
-        sub_params, sub_scales = convert(value)
+        sub_like = None if like_tree is None else like_tree.get(key, {})
+        sub_params, sub_scales = convert(value, sub_like, f"{path}{key}/")
         new_params[key] = sub_params
         if sub_scales:
           scales[key] = sub_scales
       elif key == "kernel" and _is_float(value):
-        q, scale = quantize_kernel(value, config.weight_bits)
+        if like_tree is not None:
+          if KERNEL_SCALE not in like_tree:
+            raise ValueError(f"quantize_params: like= has no {KERNEL_SCALE} for {path}kernel.")
+          like_shape = tuple(like_tree[KERNEL_SCALE].shape)
+          axes = tuple(a for a, d in enumerate(like_shape) if d == 1 and value.shape[a] != 1)
+          axes = tuple(a for a, d in enumerate(like_shape) if d == 1) if not axes else axes
+        else:
+          axes = None
+        q, scale = quantize_kernel(value, config.weight_bits, axes)
         new_params[key] = q
         scales[KERNEL_SCALE] = scale
       else:
         new_params[key] = value
     return new_params, scales
 
-  new_params, scales = convert(params)
+  new_params, scales = convert(params, like_scales, "")
   return {"params": new_params, QUANT_COLLECTION: scales, **others}
 
 

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fgjax import _masks
+
 
 class ForwardGradientState(NamedTuple):
   """State of `forward_gradient`.
@@ -43,12 +45,27 @@ def forward_gradient(estimator, seed: int = 0) -> optax.GradientTransformationEx
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; `update(updates, state, params, *, value_fn)` with
-    `value_fn(params) -> scalar loss`. Raises ValueError when `value_fn` or `params` is missing.
+    `value_fn(params) -> scalar loss`. Raises ValueError when `value_fn` or `params` is missing,
+    and at `init` for integer (fixed-point) parameters: wrap the chain in
+    `fgjax.integer_optimizer`, which keeps the optimizer state in float.
   """
   if not callable(estimator):
     raise ValueError(f"estimator: expected an estimator from fgjax.estimators, got {estimator!r}.")
 
   def init_fn(params) -> ForwardGradientState:
+    integer = [
+      _masks.path_to_str(path)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+      if jnp.issubdtype(jnp.result_type(leaf), jnp.integer)
+    ]
+    if integer:
+      # The optimizers after this link would keep integer states whose dtype changes at the
+      # first float update (a TypeError in lax.scan, a retrace under jit).
+      raise ValueError(
+        f"params: integer leaves ({', '.join(integer[:3])}{', ...' if len(integer) > 3 else ''}) "
+        "need float optimizer states: wrap the chain in fgjax.integer_optimizer(chain, "
+        "scales=...)."
+      )
     # Shapes of the metrics come from tracing the estimator once, on a constant loss.
     metrics = jax.eval_shape(
       lambda p: estimator(lambda q: jnp.zeros(()), p, key=jax.random.key(0)).metrics, params
@@ -59,8 +76,20 @@ def forward_gradient(estimator, seed: int = 0) -> optax.GradientTransformationEx
       metrics=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics),
     )
 
-  def update_fn(updates, state: ForwardGradientState, params=None, *, value_fn=None, **extra: Any):
+  def update_fn(
+    updates,
+    state: ForwardGradientState,
+    params=None,
+    *,
+    value_fn=None,
+    integer_params=None,
+    **extra: Any,
+  ):
     del updates, extra  # The estimate replaces whatever came in.
+    if integer_params is not None:
+      # Under `fgjax.integer_optimizer`: `params` is the float view, the estimator perturbs the
+      # integers themselves on their grid.
+      params = integer_params
     if params is None:
       raise ValueError("params: forward_gradient needs the current parameters to perturb.")
     if value_fn is None:

@@ -1,19 +1,24 @@
-"""Integer (fixed-point) updates: float updates rounded onto the weight grid, added with saturation.
+"""Integer (fixed-point) updates: float updates in weight units, rounded onto each leaf's grid.
 
 In fixed-point training (QZO-FF, Chen et al., "Stepping Forward on the Last Mile", NeurIPS 2024)
-the weights are integers `q` on a grid of step `s` (`w = s q`) and an optimizer's float update `u`
-is expressed in quantization steps. It must become an integer before it can be added:
+a weight is an integer `q` on a grid of step `s` (`w = s q`); the leaf's dtype is its bit width
+(int4, int8, int16). An optimizer's update `u` is in weight units (the same learning rate means
+the same step in weight space at every precision), so it is `u / s` grid steps, which must become
+an integer before it can be added:
 
-- `"nearest"`: `Δ = round(u)`. An update below half a step rounds to zero and the weight never
+- `"nearest"`: `Δ = round(u / s)`. An update below half a step rounds to zero and the weight never
   moves: the paper's explanation of why 8-bit weights (w8a8) stall where 16-bit ones (w16a8) learn.
-- `"stochastic"`: `Δ = ⌊u + ξ⌋, ξ ~ U[0, 1)`, so `E[Δ] = u`: small updates move a weight with
-  probability `|u|` (unbiased; the key lives in the state).
+- `"stochastic"`: `Δ = ⌊u / s + ξ⌋, ξ ~ U[0, 1)`, so `E[Δ] = u / s` before saturation: small
+  updates move a weight with probability `|u| / s` (the key lives in the state).
 - `"error_feedback"`: a float residual `r` per integer weight keeps what rounding dropped,
-  `r ← r + u; Δ = round(r); r ← r − Δ`, so sub-step updates accumulate until they cross a step
+  `r ← r + u / s; Δ = round(r); r ← r − Δ`, so sub-step updates accumulate until they cross a step
   (deterministic; Seide et al., "1-bit SGD", 2014; Karimireddy et al., "EF-SGD", 2019).
 
-The integer is then added with saturation at the symmetric `bits`-bit bounds `±(2^{b-1} − 1)`
-(never wrap-around), e.g. ±7 for 4-bit weights held in int8.
+The integer is then added with saturation at the dtype's symmetric bounds `±(2^{b-1} − 1)`
+(never wrap-around), e.g. ±7 for int4 weights.
+
+`integer_optimizer` makes any optax chain (Adam, momentum, the forward-gradient estimate) run on
+integer weights: its state lives in float (on `w = s q`), the integer rounding comes last.
 """
 
 from __future__ import annotations
@@ -39,26 +44,22 @@ def _is_integer(leaf) -> bool:
   return leaf is not None and jnp.issubdtype(jnp.result_type(leaf), jnp.integer)
 
 
-def _resolve_bits(bits, params: PyTree) -> list[int | None]:
-  """One bit width per leaf of `params` (None for float leaves)."""
-  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  leaves = [leaf for _, leaf in paths_leaves]
-  if bits is None or isinstance(bits, int):
-    per_leaf = [bits] * len(leaves)
-  elif callable(bits):
-    per_leaf = [bits(_masks.path_to_str(p), leaf) for p, leaf in paths_leaves]
-  else:
-    per_leaf = treedef.flatten_up_to(bits)
+def _scales_of(scales, params: PyTree, needed) -> list:
+  """The grid step of each integer leaf with `needed[i]`, from `scales` ({path: step})."""
   out = []
-  for leaf, width in zip(leaves, per_leaf, strict=True):
-    if not _is_integer(leaf):
+  for (path, _), need in zip(
+    jax.tree_util.tree_flatten_with_path(params)[0], needed, strict=True
+  ):
+    if not need:
       out.append(None)
       continue
-    dtype_bits = jnp.iinfo(jnp.result_type(leaf)).bits
-    width = dtype_bits if width is None else int(width)
-    if not 2 <= width <= dtype_bits:
-      raise ValueError(f"bits: {width} does not fit an integer leaf of dtype {leaf.dtype}.")
-    out.append(width)
+    name = _masks.path_to_str(path)
+    if scales is None or name not in scales:
+      raise ValueError(
+        f"scales: integer leaf {name!r} needs its grid step to turn weight-unit updates into "
+        "grid steps: pass scales=fgjax.quant.leaf_scales(params, frozen)."
+      )
+    out.append(jnp.asarray(scales[name], jnp.float32))
   return out
 
 
@@ -69,45 +70,47 @@ def _integer_delta(update: jax.Array) -> jax.Array:
   return jnp.clip(update, -_DELTA_LIMIT, _DELTA_LIMIT).astype(jnp.int32)
 
 
-def apply_integer_updates(params: PyTree, updates: PyTree, bits=None) -> PyTree:
+def apply_integer_updates(params: PyTree, updates: PyTree) -> PyTree:
   """`params + updates`, with a saturating add on the integer leaves (never wrap-around).
 
-  .. math:: q' = \\operatorname{clip}(q + \\operatorname{round}(u), -(2^{b-1}-1), 2^{b-1}-1)
+  .. math:: q' = \\operatorname{clip}(q + \\Delta, -(2^{b-1}-1), 2^{b-1}-1)
 
-  Integer leaves take integer updates (from `integer_updates`) as they are; a float update on an
-  integer leaf is rounded to nearest first. Float leaves: `(p + u).astype(p.dtype)` as
+  with `b` the bit width of the leaf's dtype. Integer leaves take integer updates (grid steps,
+  from `integer_updates` / `integer_optimizer`); float leaves: `(p + u).astype(p.dtype)` as
   `optax.apply_updates`, which must not be used for integer leaves (it adds in the promoted dtype
   and casts back, so 127 + 1 wraps to -128 in int8).
 
   Args:
     params: a pytree of float and integer arrays.
     updates: a pytree with the structure of `params`.
-    bits: the bit width of the integer grid: None (the dtype's width: int8 -> 8, int16 -> 16), an
-      int for every integer leaf, a pytree of ints/None with the structure of `params`, or a
-      predicate `(path "a/b/kernel", leaf) -> int | None`. 4-bit weights are held in int8, so pass
-      `bits=4` for them.
 
   Returns:
     The updated parameters, each leaf in its own dtype; integer leaves inside `±(2^{b-1}-1)`.
 
+  Raises:
+    ValueError: a float update on an integer leaf (its unit, weight or grid step, is unknown: end
+      the chain with `integer_updates`, or use `integer_optimizer`).
+
   Example:
-    >>> apply_integer_updates({"w": jnp.int8([120, -3])}, {"w": jnp.float32([20.0, 0.6])})
+    >>> apply_integer_updates({"w": jnp.int8([120, -3])}, {"w": jnp.int32([20, 1])})
     {'w': Array([127, -2], dtype=int8)}
   """
-  leaves, treedef = jax.tree_util.tree_flatten(params)
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   update_leaves = treedef.flatten_up_to(updates)
-  widths = _resolve_bits(bits, params)
   out = []
-  for param, update, width in zip(leaves, update_leaves, widths, strict=True):
+  for (path, param), update in zip(paths_leaves, update_leaves, strict=True):
     if update is None:
       out.append(param)
-    elif width is None:
+    elif not _is_integer(param):
       out.append(jnp.asarray(param + update).astype(jnp.result_type(param)))
     else:
       update = jnp.asarray(update)
       if not jnp.issubdtype(update.dtype, jnp.integer):
-        update = round_nearest(update.astype(jnp.float32))
-      out.append(saturating_add(param, _integer_delta(update), bits=width))
+        raise ValueError(
+          f"updates: integer leaf {_masks.path_to_str(path)!r} got a {update.dtype} update; end "
+          "the chain with fgjax.integer_updates(...) or wrap it in fgjax.integer_optimizer(...)."
+        )
+      out.append(saturating_add(param, _integer_delta(update)))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -164,42 +167,37 @@ class IntegerUpdatesState(NamedTuple):
 
 
 def integer_updates(
-  rounding: str = "nearest", seed: int = 0, *, bits=None, mask=None
+  rounding: str = "nearest", seed: int = 0, *, scales=None, mask=None
 ) -> optax.GradientTransformationExtraArgs:
-  """Turns float updates of integer leaves into integer updates that stay on the `bits`-bit grid.
+  """Turns float updates of integer leaves (weight units) into integer steps on their grid.
 
-  For an integer leaf `q` with float update `u` (in quantization steps, e.g. `-lr · ĝ` from
-  `optax.sgd` after an SPSA estimate on integer weights) the output is the int32 update
+  For an integer leaf `q` with grid step `s` and float update `u` (in weight units, e.g.
+  `-lr · ĝ` from `optax.sgd` after an estimate on integer weights) the output is the int32 update
 
   .. math:: \\Delta' = \\operatorname{clip}(q + \\Delta, -(2^{b-1}-1), 2^{b-1}-1) - q,
 
-  with `Δ` from the rounding mode (module docstring): `"nearest"`, `"stochastic"`
-  (`E[Δ] = u`) or `"error_feedback"` (residual in the state). Since `q + Δ'` is already in range,
-  `apply_integer_updates` (or even `optax.apply_updates`) adds it without overflow. Float leaves
-  pass through untouched. Put this transform last in the chain; it needs `params`.
-
-    >>> opt = optax.chain(
-    ...   fgjax.forward_gradient(fgjax.estimators.spsa(
-    ...     4, epsilon=1.0, sign=True, distribution="rademacher", mask=fgjax.path_mask("head"))),
-    ...   optax.sgd(0.3),
-    ...   fgjax.integer_updates("stochastic"),
-    ... )
-    >>> updates, state = opt.update(params, state, params, value_fn=loss_of_params)
-    >>> params = fgjax.apply_integer_updates(params, updates)
+  with `Δ` from the rounding mode applied to `u / s` (module docstring): `"nearest"`,
+  `"stochastic"` (`E[Δ] = u / s`) or `"error_feedback"` (residual in the state), and `b` the bit
+  width of the leaf's dtype. Since `q + Δ'` is in range, `apply_integer_updates` adds it without
+  overflow. Float leaves pass through untouched. Put this transform last in the chain; it needs
+  `params`. Most users want `integer_optimizer`, which also keeps the optimizer state in float.
 
   Paper: Chen et al., "Stepping Forward on the Last Mile" (NeurIPS 2024), QZO-FF's quantized update.
 
   Args:
     rounding: `"nearest"`, `"stochastic"` or `"error_feedback"`.
     seed: seeds the stochastic-rounding key.
-    bits: the grid's bit width: None (the dtype's), an int, a pytree or a predicate (see
-      `apply_integer_updates`); pass 4 for 4-bit weights held in int8.
+    scales: `{leaf path: grid step}` (`fgjax.quant.leaf_scales`); required for every integer
+      leaf that gets a float update.
     mask: which integer leaves get an error-feedback residual and are counted in
-      `changed_fraction` (None: all integer leaves; pytree of bools or predicate on paths). Leaves
-      outside it are still rounded (to nearest under error feedback).
+      `changed_fraction` (None: all integer leaves; pytree of bools or predicate on paths).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with state `IntegerUpdatesState`.
+
+  Raises:
+    ValueError: unknown rounding; at update, an integer leaf without its scale, or error feedback
+      for an integer leaf that `init` saw as float (it has no residual).
   """
   if rounding not in ROUNDINGS:
     raise ValueError(f"rounding: unknown {rounding!r}; valid: {', '.join(ROUNDINGS)}.")
@@ -228,18 +226,23 @@ def integer_updates(
     del extra
     if params is None:
       raise ValueError("params: integer_updates needs the parameters (to know the integer leaves).")
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [leaf for _, leaf in paths_leaves]
     update_leaves = treedef.flatten_up_to(updates)
     residual_leaves = treedef.flatten_up_to(state.residual)
-    widths = _resolve_bits(bits, params)
+    needs_scale = [
+      _is_integer(p) and u is not None and not jnp.issubdtype(jnp.result_type(u), jnp.integer)
+      for p, u in zip(leaves, update_leaves, strict=True)
+    ]
+    grid = _scales_of(scales, params, needs_scale)
     key, step_key = jax.random.split(state.key)
     out, new_residual = [], []
     changed = jnp.zeros((), jnp.float32)
     total = 0
-    for index, (param, update, residual, width, counted) in enumerate(
-      zip(leaves, update_leaves, residual_leaves, widths, flags(params), strict=True)
+    for index, ((path, param), update, residual, step_size, counted) in enumerate(
+      zip(paths_leaves, update_leaves, residual_leaves, grid, flags(params), strict=True)
     ):
-      if width is None or update is None:
+      if not _is_integer(param) or update is None:
         out.append(update)
         new_residual.append(residual)
         continue
@@ -247,18 +250,26 @@ def integer_updates(
       if jnp.issubdtype(update.dtype, jnp.integer):
         step = update
       else:
-        update = update.astype(jnp.float32)
+        steps = update.astype(jnp.float32) / step_size
         if rounding == "stochastic":
-          step = round_stochastic(jax.random.fold_in(step_key, index), update)
-        elif rounding == "error_feedback" and not isinstance(residual, optax.MaskedNode):
-          accumulated = residual + update
-          step = round_nearest(accumulated)
-          # The residual drops the rounded step even where saturation clips it, so it stays in
-          # [-1/2, 1/2] instead of growing against a bound.
-          residual = accumulated - step
+          step = round_stochastic(jax.random.fold_in(step_key, index), steps)
+        elif rounding == "error_feedback":
+          if isinstance(residual, optax.MaskedNode):
+            if counted:
+              raise ValueError(
+                f"error_feedback: integer leaf {_masks.path_to_str(path)!r} has no residual "
+                "(init saw it as float); init with the integer parameters."
+              )
+            step = round_nearest(steps)
+          else:
+            accumulated = residual + steps
+            step = round_nearest(accumulated)
+            # The residual drops the rounded step even where saturation clips it, so it stays
+            # in [-1/2, 1/2] instead of growing against a bound.
+            residual = accumulated - step
         else:
-          step = round_nearest(update)
-      moved = saturating_add(param, _integer_delta(step), bits=width)
+          step = round_nearest(steps)
+      moved = saturating_add(param, _integer_delta(step))
       delta = moved.astype(jnp.int32) - param.astype(jnp.int32)
       out.append(delta)
       new_residual.append(residual)
@@ -270,5 +281,100 @@ def integer_updates(
       residual=jax.tree_util.tree_unflatten(treedef, new_residual),
       changed_fraction=changed / max(total, 1),
     )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def float_view(params: PyTree, scales=None) -> PyTree:
+  """Integer leaves as their weights `s q` in float32 (or `q` itself where no scale is given).
+
+  Args:
+    params: float and integer leaves.
+    scales: `{leaf path: grid step}`; None: integer leaves are only cast.
+
+  Returns:
+    `params` with every integer leaf a float32 array.
+  """
+  scales = scales or {}
+
+  def view(path, leaf):
+    if not _is_integer(leaf):
+      return leaf
+    value = jnp.asarray(leaf).astype(jnp.float32)
+    step = scales.get(_masks.path_to_str(path))
+    return value if step is None else value * jnp.asarray(step, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(view, params)
+
+
+class IntegerOptimizerState(NamedTuple):
+  """State of `integer_optimizer`.
+
+  Attributes:
+    inner: the wrapped optimizer's state, initialised on the float view `s q` (so momentum and
+      Adam moments are float32, in weight units).
+    integer: the final `integer_updates` link's `IntegerUpdatesState` (rounding key, residual,
+      `changed_fraction`).
+  """
+
+  inner: Any
+  integer: IntegerUpdatesState
+
+
+def integer_optimizer(
+  optimizer: optax.GradientTransformation,
+  *,
+  scales,
+  rounding: str = "stochastic",
+  seed: int = 0,
+  mask=None,
+) -> optax.GradientTransformationExtraArgs:
+  """Runs any optax optimizer (chain) on integer weights: float state, integer update at the end.
+
+  `optimizer` (e.g. `optax.chain(fgjax.forward_gradient(est), optax.adam(1e-3))`) is initialised
+  and updated on the float view of the parameters, `w = s q` in weight units, so its state is
+  float32 and its learning rate means the same step at every precision; its float updates then
+  go through `integer_updates(rounding, scales=scales)`, which turns them into integer grid steps
+  (and leaves float leaves' updates as they are). `fgjax.forward_gradient` inside the chain gets
+  the integer parameters themselves (the extra argument `integer_params`), so SPSA perturbs them
+  on their grid.
+
+    >>> fixed = fgjax.quant.to_fixed_point(variables, fgjax.quant.preset("w16a8"))
+    >>> est = fgjax.estimators.spsa(4, epsilon=1e-3, sign=True, scales=fixed.scales)
+    >>> opt = fgjax.integer_optimizer(
+    ...   optax.chain(fgjax.forward_gradient(est), optax.adam(1e-3)), scales=fixed.scales)
+    >>> state = opt.init(fixed.params)
+    >>> updates, state = opt.update(fixed.params, state, fixed.params, value_fn=loss_of_params)
+    >>> params = fgjax.apply_integer_updates(fixed.params, updates)
+
+  Args:
+    optimizer: any optax `GradientTransformation` (extra args are passed on).
+    scales: `{leaf path: grid step}` of the integer leaves (`fgjax.quant.leaf_scales`).
+    rounding: `"nearest"`, `"stochastic"` or `"error_feedback"`.
+    seed: seeds the stochastic-rounding key.
+    mask: the integer leaves counted in `changed_fraction` and given an error-feedback residual.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` with state `IntegerOptimizerState`; its updates
+    are int32 grid steps on integer leaves, for `apply_integer_updates`.
+  """
+  if not isinstance(optimizer, optax.GradientTransformation):
+    raise ValueError(f"optimizer: expected an optax GradientTransformation, got {optimizer!r}.")
+  if not isinstance(scales, dict):
+    raise ValueError(f"scales: expected a dict {{leaf path: grid step}}, got {type(scales)}.")
+  link = integer_updates(rounding, seed, scales=scales, mask=mask)
+  inner = optax.with_extra_args_support(optimizer)
+
+  def init_fn(params) -> IntegerOptimizerState:
+    return IntegerOptimizerState(inner.init(float_view(params, scales)), link.init(params))
+
+  def update_fn(updates, state: IntegerOptimizerState, params=None, **extra):
+    if params is None:
+      raise ValueError("params: integer_optimizer needs the (integer) parameters.")
+    float_updates, inner_state = inner.update(
+      updates, state.inner, float_view(params, scales), integer_params=params, **extra
+    )
+    steps, integer_state = link.update(float_updates, state.integer, params)
+    return steps, IntegerOptimizerState(inner_state, integer_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -79,17 +79,21 @@ def test_passes_per_step():
   assert training.forward_passes_per_step({**spsa, "central": False})["forward"] == 4
 
 
-def _integer_step(params, updates, rounding="nearest", weight_bits=None, *, state=None):
-  """One update of `params` by the float `updates` through `make_optimizer(integer_weights=True)`
-  (sgd with learning rate -1 passes them on) and `fgjax.apply_integer_updates`."""
+def _integer_step(params, updates, rounding="nearest", *, state=None, step=1.0):
+  """One update of `params` by the float `updates` (weight units) through
+  `make_optimizer(integer_weights=True)` (sgd with learning rate -1 passes them on) and
+  `fgjax.apply_integer_updates`; every integer leaf has grid step `step`."""
   config = {"optimizer": "sgd", "optimizer_kwargs": {"learning_rate": -1.0}, "rounding": rounding}
-  opt = training.make_optimizer(
-    config, forward=False, integer_weights=True, weight_bits=weight_bits
-  )
+  scales = {
+    path: jnp.float32(step)
+    for path, leaf in zip(fgjax.leaf_paths(params), jax.tree.leaves(params), strict=True)
+    if training.is_integer(leaf)
+  }
+  opt = training.make_optimizer(config, forward=False, integer_weights=True, scales=scales)
   if state is None:
     state = training.TrainState.create(params, {}, opt, jax.random.key(0)).opt_state
   out, state = opt.update(updates, state, params)
-  return fgjax.apply_integer_updates(params, out, weight_bits), state
+  return fgjax.apply_integer_updates(params, out), state
 
 
 def test_integer_updates_round_and_saturate():
@@ -102,15 +106,16 @@ def test_integer_updates_round_and_saturate():
   many = {"q": jnp.zeros(20000, jnp.int16)}
   moved, _ = _integer_step(many, {"q": jnp.full(20000, 0.25)}, "stochastic")
   assert abs(float(moved["q"].mean()) - 0.25) < 4 * np.sqrt(0.25 * 0.75 / 20000)
-  six_bits, _ = _integer_step(
-    {"q": jnp.array([30], jnp.int8)}, {"q": jnp.array([9.0])}, weight_bits=6
-  )
-  assert int(six_bits["q"][0]) == 31
+  four_bits, _ = _integer_step({"q": jnp.array([3], jnp.int4)}, {"q": jnp.array([9.0])})
+  assert int(four_bits["q"][0]) == 7  # the int4 dtype saturates at +-7
+  # Learning rates are in weight units: with a grid step of 0.5, an update of 1.0 is 2 steps.
+  halves, _ = _integer_step({"q": jnp.zeros(2, jnp.int8)}, {"q": jnp.ones(2)}, step=0.5)
+  np.testing.assert_array_equal(halves["q"], [2, 2])
 
 
 def test_error_feedback_accumulates_sub_step_updates():
   # Quarter steps: nearest rounding never moves the weight, error feedback moves it every 4th step
-  # (the residual must be initialized on the integer leaves, not on TrainState's float view).
+  # (the residual is initialized on the integer leaves, the optimizer state on the float view).
   params = {"q": jnp.zeros(3, jnp.int8)}
   updates = {"q": jnp.full(3, 0.25)}
   for rounding, expected in (("nearest", 0), ("error_feedback", 1)):
@@ -118,7 +123,7 @@ def test_error_feedback_accumulates_sub_step_updates():
     for _ in range(4):
       q, state = _integer_step(q, updates, rounding, state=state)
     np.testing.assert_array_equal(q["q"], np.full(3, expected, np.int8))
-  assert isinstance(state[-1].residual["q"], jax.Array)
+  assert isinstance(state.integer.residual["q"], jax.Array)
 
 
 def test_batches_depend_only_on_seed_and_step():

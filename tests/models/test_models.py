@@ -480,8 +480,13 @@ def test_crnn_with_integer_weights_takes_an_spsa_step():
     logits = quantized.apply({**fixed.frozen, "params": params}, x, train=False)
     return jnp.mean(logits**2)
 
+  epsilon = 4.0 * max(float(jnp.max(s)) for s in fixed.scales.values())  # 4 grid steps
   est = fgjax.estimators.spsa(
-    2, epsilon=4.0, distribution="rademacher", mask=fq.integer_mask(fixed.params)
+    2,
+    epsilon=epsilon,
+    distribution="rademacher",
+    mask=fq.integer_mask(fixed.params),
+    scales=fixed.scales,
   )
   estimate = jax.jit(lambda p: est(loss, p, key=jax.random.key(0)))(fixed.params)
   kernel = fixed.params["gru_2"]["ir"]["kernel"]

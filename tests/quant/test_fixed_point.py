@@ -32,8 +32,10 @@ def _float_variables():
 
 def _fixed_point_loss(name):
   config = quant.preset(name)
-  fixed = quant.to_fixed_point(_float_variables(), config)
   model = MLP(hidden_sizes=HIDDEN, num_classes=10, quant=quant.integer_storage(config))
+  x, _ = _digits()
+  like = jax.eval_shape(model.init, jax.random.key(0), x[:1])
+  fixed = quant.to_fixed_point(_float_variables(), config, like=like)
   apply = quant.bind_frozen(model.apply, fixed.frozen)
 
   def loss(params, x, y):
@@ -69,12 +71,22 @@ def test_to_fixed_point_matches_master_weight_forward(name, dtype):
     assert jnp.all(error <= fixed.frozen["quant"][layer]["kernel_scale"] / 2 + 1e-7)
 
 
+def _epsilon(fixed, steps=3.0):
+  """An epsilon (weight units) of `steps` of the coarsest grid step, safely above half a step."""
+  return steps * max(float(jnp.max(s)) for s in fixed.scales.values())
+
+
 @pytest.mark.parametrize("name,dtype", [("w16a8", "int16"), ("w8a8", "int8")])
 def test_both_spsa_forward_calls_run_integer_matmuls(name, dtype):
   fixed, _, loss = _fixed_point_loss(name)
   x, y = _digits()
   estimator = fgjax.estimators.spsa(
-    3, 1.0, sign=True, distribution="rademacher", mask=quant.integer_mask(fixed.params)
+    3,
+    _epsilon(fixed),
+    sign=True,
+    distribution="rademacher",
+    mask=quant.integer_mask(fixed.params),
+    scales=fixed.scales,
   )
   found = quant.contraction_operand_dtypes(
     lambda p: estimator(loss, p, x[:8], y[:8], key=jax.random.key(0)).grads, fixed.params
@@ -92,12 +104,15 @@ def _train(name, rounding, learning_rate, epsilon, steps, num_directions=4):
   x, y = _digits()
   mask = quant.integer_mask(fixed.params)
   estimator = fgjax.estimators.spsa(
-    num_directions, epsilon, sign=True, distribution="rademacher", mask=mask
+    num_directions, epsilon, sign=True, distribution="rademacher", scales=fixed.scales
   )
-  opt = optax.chain(
-    fgjax.forward_gradient(estimator, seed=1),
-    optax.sgd(learning_rate),
-    fgjax.integer_updates(rounding, seed=2, mask=mask),
+  # Kernels (integer) and biases (float) train together; epsilon and lr are in weight units.
+  opt = fgjax.integer_optimizer(
+    optax.chain(fgjax.forward_gradient(estimator, seed=1), optax.sgd(learning_rate)),
+    scales=fixed.scales,
+    rounding=rounding,
+    seed=2,
+    mask=mask,
   )
 
   def step(carry, index):
@@ -107,7 +122,7 @@ def _train(name, rounding, learning_rate, epsilon, steps, num_directions=4):
       params, state, params, value_fn=lambda p: loss(p, x[batch], y[batch])
     )
     new = fgjax.apply_integer_updates(params, updates)
-    return (new, state), (state[-1].changed_fraction, fgjax.changed_fraction(params, new, mask))
+    return (new, state), (state.integer.changed_fraction, fgjax.changed_fraction(params, new, mask))
 
   (params, _), (from_state, from_params) = jax.jit(
     lambda p, s: jax.lax.scan(step, (p, s), jnp.arange(steps))
@@ -118,8 +133,8 @@ def _train(name, rounding, learning_rate, epsilon, steps, num_directions=4):
 
 
 def test_fixed_point_sign_spsa_lowers_the_loss_on_digits():
-  # w16a8 integer weights, learning rate 1000 steps of 2^-15 (about 3% of max|w| per step).
-  start, end, accuracy, changed, params = _train("w16a8", "nearest", 1000.0, 300.0, steps=250)
+  # w16a8 integer weights; learning rate and epsilon in weight units (max|w| is about 0.3).
+  start, end, accuracy, changed, params = _train("w16a8", "nearest", 1e-2, 3e-3, steps=250)
   assert params["head"]["kernel"].dtype == jnp.int16
   assert float(end) < 0.85 * float(start)
   assert float(accuracy) > 0.4  # chance: 0.1
@@ -133,15 +148,23 @@ def test_w8a8_nearest_rounding_stalls_where_stochastic_rounding_moves():
   fixed = _fixed_point_loss("w8a8")[0]
   x, y = _digits()
   mask = quant.integer_mask(fixed.params)
-  estimator = fgjax.estimators.spsa(4, 1.0, sign=True, distribution="rademacher", mask=mask)
+  estimator = fgjax.estimators.spsa(
+    4, _epsilon(fixed), sign=True, distribution="rademacher", mask=mask, scales=fixed.scales
+  )
   grads = jax.jit(lambda p: estimator(loss, p, x[:64], y[:64], key=jax.random.key(0)).grads)(
     fixed.params
   )
-  float_updates = jax.tree.map(lambda g: -0.1 * g, grads)
-  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(float_updates)) <= 0.1 + 1e-6
+  # A tenth of a grid step per weight (weight units: 0.1 s sign(g)).
+  float_updates = {
+    layer: {
+      "kernel": -0.1 * fixed.scales[f"{layer}/kernel"] * jnp.sign(grads[layer]["kernel"]),
+      "bias": jnp.zeros_like(grads[layer]["bias"]),
+    }
+    for layer in grads
+  }
   fractions = {}
   for rounding in fgjax.transforms.ROUNDINGS:
-    transform = fgjax.integer_updates(rounding, mask=mask)
+    transform = fgjax.integer_updates(rounding, mask=mask, scales=fixed.scales)
     state, params = transform.init(fixed.params), fixed.params
     history = []
     for _ in range(6):
@@ -153,3 +176,25 @@ def test_w8a8_nearest_rounding_stalls_where_stochastic_rounding_moves():
   assert fractions["nearest"] == [0.0] * 6
   assert all(f > 0.0 for f in fractions["stochastic"])
   assert fractions["error_feedback"][:4] == [0.0] * 4 and fractions["error_feedback"][5] > 0.0
+
+
+def test_quantize_params_calibrates_on_the_layer_axes():
+  # Before: a converted DenseGeneral((heads, head_dim)) got a (1, 1, head_dim) scale where the
+  # layer's own init has (1, heads, head_dim).
+  config = quant.preset("w8a8")
+  layer = quant.DenseGeneral((2, 4), quant=quant.integer_storage(config))
+  x = jnp.ones((3, 6))
+  own = layer.init(jax.random.key(0), x)
+  assert own["quant"]["kernel_scale"].shape == (1, 2, 4)
+  kernel = jax.random.normal(jax.random.key(1), (6, 2, 4))
+  converted = quant.quantize_params(
+    {"params": {"kernel": kernel, "bias": jnp.zeros((2, 4))}}, config, like=own
+  )
+  scale = converted["quant"]["kernel_scale"]
+  assert scale.shape == (1, 2, 4)
+  np.testing.assert_allclose(scale, jnp.max(jnp.abs(kernel), axis=0, keepdims=True) / 127)
+  layer.apply(converted, x)
+  # Without like the last-axis default does not fit this layer, and the layer says so.
+  wrong = quant.quantize_params({"params": {"kernel": kernel, "bias": jnp.zeros((2, 4))}}, config)
+  with pytest.raises(ValueError, match="kernel_scale has shape"):
+    layer.apply(wrong, x)
