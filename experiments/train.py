@@ -168,13 +168,14 @@ def _quant(adapt):
   return quant.preset(adapt.precision, weight_storage=adapt.weight_storage)
 
 
-def _to_precision(variables: dict, quant) -> dict:
-  """Pretrained float variables in the adapt precision: integer kernels + scales if asked."""
+def _to_precision(variables: dict, quant, like=None) -> dict:
+  """Pretrained float variables in the adapt precision: integer kernels + scales if asked; `like`
+  (the integer model's variable shapes) sets each layer's calibration axes."""
   if quant is None or quant.weight_storage != "integer":
     return dict(variables)
   from fgjax import quant as fq
 
-  return dict(fq.quantize_params(variables, quant))
+  return dict(fq.quantize_params(variables, quant, like=like))
 
 
 def prepare(config, workdir) -> Plan:
@@ -257,31 +258,29 @@ def prepare(config, workdir) -> Plan:
     _check_like(f"adapt.pretrained checkpoint {str(pretrained_dir)!r}", pretrained, expected)
     pretrained = jax.tree.map(jnp.asarray, pretrained)
     info["pretrained_model"] = meta.get("model")
-    variables = _to_precision(pretrained, quant)
+    integer = quant is not None and quant.weight_storage == "integer"
+    like = _init_variables(model, task.target_train.x, config.seed, shapes_only=True)
+    variables = _to_precision(pretrained, quant, like if integer else None)
     params = variables.pop("params")
     try:
       mask = training.trainable_mask(params, adapt.trainable, last_k=int(adapt.last_k))
-      if quant is not None and quant.weight_storage == "integer":
-        # The estimators use one epsilon for every leaf, in grid steps for integer kernels; float
-        # leaves (biases) perturbed by that many weight units would swamp the loss: freeze them.
-        mask = jax.tree.map(lambda on, p: on and training.is_integer(p), mask, params)
-        if not any(jax.tree.leaves(mask)):
-          raise ValueError("trainable: no integer kernel in the chosen subset.")
-      integer = quant is not None and quant.weight_storage == "integer"
-      weight_bits = quant.weight_bits if integer else None
-      # Integer kernels: the chain ends with `fgjax.integer_updates(adapt.rounding)`.
+      # Integer kernels and float biases train together: epsilon and the learning rate are in
+      # weight units for both (integer leaves through their grid steps, `leaf_scales`).
+      from fgjax import quant as fq
+
+      scales = fq.leaf_scales(params, variables) if integer else None
       optimizer = training.make_optimizer(
         adapt,
         mask=mask,
         forward=True,
         seed=config.seed,
         integer_weights=integer,
-        weight_bits=weight_bits,
+        scales=scales,
       )
     except ValueError as error:
       raise ConfigError(f"adapt.{error}") from None
     state = training.TrainState.create(params, variables, optimizer, jax.random.key(config.seed))
-    step_kwargs = {"update_batch_stats": False, "weight_bits": weight_bits}
+    step_kwargs = {"update_batch_stats": False}
     train_data = task.target_train
     info.update(
       method=adapt.method,
