@@ -52,5 +52,17 @@ def cosine(a, b) -> jax.Array:
   return jnp.vdot(a_flat, b_flat) / (jnp.linalg.norm(a_flat) * jnp.linalg.norm(b_flat))
 
 
+def jaxpr_equations(jaxpr):
+  """Every equation of a (closed) jaxpr, sub-jaxprs included (jit, scan, custom_jvp, cond ...)."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for value in param if isinstance(param, tuple | list) else (param,):
+        inner = getattr(value, "jaxpr", value)
+        if hasattr(inner, "eqns"):
+          yield from jaxpr_equations(inner)
+
+
 def tree_vdot(a, b) -> jax.Array:
   return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))

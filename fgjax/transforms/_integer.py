@@ -47,9 +47,7 @@ def _is_integer(leaf) -> bool:
 def _scales_of(scales, params: PyTree, needed) -> list:
   """The grid step of each integer leaf with `needed[i]`, from `scales` ({path: step})."""
   out = []
-  for (path, _), need in zip(
-    jax.tree_util.tree_flatten_with_path(params)[0], needed, strict=True
-  ):
+  for (path, _), need in zip(jax.tree_util.tree_flatten_with_path(params)[0], needed, strict=True):
     if not need:
       out.append(None)
       continue

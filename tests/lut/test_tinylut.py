@@ -1,0 +1,149 @@
+"""TinyLUT: exact conversion, H6/L2 split, table sizes, integer-only inference, SPSA on tables."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fgjax
+import fgjax.lut as lut_lib
+import fgjax.testing
+
+
+@pytest.fixture(scope="module")
+def small():
+  net = lut_lib.TinyLUTNet(upscale=2, channels=4, hidden=8)
+  x = jnp.asarray(np.random.default_rng(0).integers(-128, 128, (2, 8, 8)), jnp.int32)
+  variables = net.init(jax.random.key(0), x)
+  # Random nonzero output layers so every stage matters, and varied clipping scales.
+  variables = jax.tree_util.tree_map_with_path(
+    lambda p, v: (
+      v + 0.3 * jax.random.normal(jax.random.key(len(str(p))), v.shape)
+      if "w3" in str(p) or "alpha" in str(p)
+      else v
+    ),
+    variables,
+  )
+  return net, variables, x
+
+
+def test_split_recombine_exact():
+  x = jnp.arange(-128, 128, dtype=jnp.int32)
+  high, low = lut_lib.split_high_low(x)
+  assert int(high.min()) == -32 and int(high.max()) == 31
+  assert int(low.min()) == 0 and int(low.max()) == 3
+  np.testing.assert_array_equal(lut_lib.recombine_high_low(high, low), x)
+
+
+def test_tables_reproduce_network_exactly(small):
+  net, variables, x = small
+  lut = lut_lib.convert(variables, net)
+  expected = np.asarray(net.apply(variables, x))
+  np.testing.assert_array_equal(np.asarray(lut_lib.lut_apply(lut, x)), expected)
+  # The ordinary per-pixel float network computes the same integers (up to float ties).
+  per_pixel = np.asarray(net.apply(variables, x, mode="per_pixel"))
+  assert np.mean(per_pixel == expected) > 0.99
+
+
+def test_entries_within_discretization_bound(small):
+  net, variables, _ = small
+  lut = lut_lib.convert(variables, net)
+  params = lut_lib.branch_params(variables)
+  for branch in (lut_lib.HIGH, lut_lib.LOW):
+    grid = jnp.broadcast_to(
+      jnp.arange(branch.lo, branch.hi + 1, dtype=jnp.float32), (9, branch.size)
+    )
+    raw = np.asarray(lut_lib._network.bank_mlp(params[branch.name]["depth"], grid, branch))
+    table = np.asarray(lut.tables[branch.name]["depth"]).astype(np.float64)
+    inside = np.abs(raw) < 127
+    assert np.all(np.abs(table - raw)[inside] <= 0.5 + 1e-4)
+
+
+def test_table_bytes_formula_matches_arrays(small):
+  net, variables, _ = small
+  lut = lut_lib.convert(variables, net)
+  arrays = sum(int(np.size(t)) for t in jax.tree.leaves(lut.tables))
+  assert lut_lib.table_bytes(lut, include_requant=False) == arrays
+  requant = sum(int(np.size(q)) for q in jax.tree.leaves(lut.requant))
+  assert lut_lib.table_bytes(lut) == arrays + requant
+  assert lut_lib.naive_lut_bytes(4, 4, sampling_bits=4) == 17**4 * 16
+
+
+def test_lut_inference_is_integer_only(small):
+  net, variables, x = small
+  lut = lut_lib.convert(variables, net)
+  jaxpr = jax.make_jaxpr(lambda t, x: lut_lib.lut_apply(t, x))(lut, x)
+
+  for eqn in fgjax.testing.jaxpr_equations(jaxpr):
+    # Integer multiplies (table indices) are allowed; no contraction and no float value at all.
+    assert eqn.primitive.name not in ("dot_general", "conv_general_dilated"), eqn
+    for var in eqn.outvars:
+      assert not jnp.issubdtype(var.aval.dtype, jnp.floating), eqn
+
+
+def test_spsa_on_table_entries_lowers_loss(small):
+  net, variables, x = small
+  lut = lut_lib.convert(variables, net)
+  target = jnp.asarray(np.asarray(lut_lib.lut_apply(lut, x)), jnp.float32) + 12.0
+
+  def loss(tables):
+    out = lut_lib.lut_apply(lut.replace(tables=tables), x).astype(jnp.float32)
+    return jnp.mean((out - target) ** 2)
+
+  scales = {p: 1.0 for p in fgjax.leaf_paths(lut.tables)}
+  est = fgjax.estimators.spsa(4, epsilon=1.0, sign=True, distribution="rademacher", scales=scales)
+  opt = fgjax.integer_optimizer(
+    optax.chain(fgjax.forward_gradient(est), optax.sgd(0.5)), scales=scales, rounding="stochastic"
+  )
+
+  @jax.jit
+  def step(tables, state):
+    updates, state = opt.update(tables, state, tables, value_fn=loss)
+    return fgjax.apply_integer_updates(tables, updates), state
+
+  tables, state = lut.tables, opt.init(lut.tables)
+  before = float(loss(tables))
+  for _ in range(60):
+    tables, state = step(tables, state)
+  assert all(t.dtype == jnp.int8 for t in jax.tree.leaves(tables))
+  assert float(loss(tables)) < 0.7 * before
+
+
+def test_authors_format_loader(tmp_path):
+  """Synthetic tables in the authors' layout (rows, 16, 1, 1) int8 and given clipping scales."""
+  rng = np.random.default_rng(0)
+  clips = {
+    k: rng.uniform(0.3, 1.0, 16).astype(np.float32)
+    for k in ("clip_hh1", "clip_hl1", "clip_hh2", "clip_hl2")
+  }
+
+  def rows(alpha, lo, hi):
+    q = np.round(alpha[:, None] * np.arange(lo, hi + 1, dtype=np.float32))
+    return int((q.max(1) - q.min(1) + 1).sum())
+
+  shapes = {
+    "Model_V_L1_Depth_x4_H6.npy": 576,
+    "Model_V_L1_Depth_x4_L2.npy": 36,
+    "Model_V_L1_Point_x4_H6.npy": rows(clips["clip_hh1"], -32, 31),
+    "Model_V_L1_Point_x4_L2.npy": rows(clips["clip_hl1"], 0, 3),
+    "Model_V_UP_x4_H6.npy": rows(clips["clip_hh2"], -32, 31),
+    "Model_V_UP_x4_L2.npy": rows(clips["clip_hl2"], 0, 3),
+  }
+  for name, n in shapes.items():
+    np.save(tmp_path / name, rng.integers(-5, 6, (n, 16, 1, 1)).astype(np.int8))
+  lut = lut_lib.load_authors_tables(str(tmp_path), clips=clips)
+  assert lut_lib.table_bytes(lut, include_requant=False) == 16 * sum(shapes.values())
+  out = lut_lib.lut_apply(lut, jnp.zeros((6, 6), jnp.int32))
+  assert out.shape == (24, 24) and out.dtype == jnp.int32
+
+
+@pytest.mark.skipif(
+  not os.environ.get("FGJAX_TINYLUT_DIR"),
+  reason="set FGJAX_TINYLUT_DIR to the authors' TinyLUT_LUT folder",
+)
+def test_authors_published_tables():
+  lut = lut_lib.load_authors_tables(os.environ["FGJAX_TINYLUT_DIR"])
+  assert lut_lib.table_bytes(lut, include_requant=False) == 37776
