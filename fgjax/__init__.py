@@ -5,7 +5,7 @@ in float or on integer weights, as Optax transforms. From "Stepping Forward on t
 (Chen et al., NeurIPS 2024).
 """
 
-from fgjax import estimators, transforms
+from fgjax import data, estimators, lut, models, quant, testing, training, transforms
 from fgjax._api import value_and_grad
 from fgjax._masks import leaf_paths, path_mask
 from fgjax.estimators import Estimate
@@ -29,12 +29,18 @@ __all__ = [
   "IntegerUpdatesState",
   "apply_integer_updates",
   "changed_fraction",
+  "data",
   "estimators",
   "forward_gradient",
   "integer_optimizer",
   "integer_updates",
   "leaf_paths",
+  "lut",
+  "models",
   "path_mask",
+  "quant",
+  "testing",
+  "training",
   "transforms",
   "value_and_grad",
 ]

@@ -31,12 +31,12 @@ import optax
 
 import fgjax
 from fgjax import estimators as fe
+from fgjax.transforms import ROUNDINGS  # noqa: F401  (re-exported: nearest, stochastic, error_feedback)
 
 PyTree = Any
 
 TRAINABLE_SUBSETS = ("full", "linear_probe", "last_k", "prompts")
 METHODS = ("backprop", "jvp", "spsa", "sign_spsa")
-ROUNDINGS = fgjax.transforms.ROUNDINGS  # nearest, stochastic, error_feedback
 SCHEDULES = ("constant", "cosine", "linear")
 
 
