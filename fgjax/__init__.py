@@ -5,7 +5,7 @@ in float or on integer weights, as Optax transforms. From "Stepping Forward on t
 (Chen et al., NeurIPS 2024).
 """
 
-from fgjax import data, estimators, lut, models, quant, testing, training, transforms
+from fgjax import data, estimators, landscape, lut, models, quant, testing, training, transforms
 from fgjax._api import value_and_grad
 from fgjax._masks import leaf_paths, path_mask
 from fgjax.estimators import Estimate
@@ -34,6 +34,7 @@ __all__ = [
   "forward_gradient",
   "integer_optimizer",
   "integer_updates",
+  "landscape",
   "leaf_paths",
   "lut",
   "models",
