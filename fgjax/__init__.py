@@ -5,7 +5,18 @@ in float or on integer weights, as Optax transforms. From "Stepping Forward on t
 (Chen et al., NeurIPS 2024).
 """
 
-from fgjax import data, estimators, landscape, lut, models, quant, testing, training, transforms
+from fgjax import (
+  data,
+  estimators,
+  landscape,
+  lut,
+  models,
+  quant,
+  sparse,
+  testing,
+  training,
+  transforms,
+)
 from fgjax._api import value_and_grad
 from fgjax._masks import leaf_paths, path_mask
 from fgjax.estimators import Estimate
@@ -40,6 +51,7 @@ __all__ = [
   "models",
   "path_mask",
   "quant",
+  "sparse",
   "testing",
   "training",
   "transforms",
