@@ -29,6 +29,9 @@ from fgjax.transforms import (
   forward_gradient,
   integer_optimizer,
   integer_updates,
+  num_directions_on_plateau,
+  num_directions_schedule,
+  sharpness_aware,
 )
 
 __version__ = "0.1.0"
@@ -49,8 +52,11 @@ __all__ = [
   "leaf_paths",
   "lut",
   "models",
+  "num_directions_on_plateau",
+  "num_directions_schedule",
   "path_mask",
   "quant",
+  "sharpness_aware",
   "sparse",
   "testing",
   "training",

@@ -11,16 +11,29 @@ from fgjax.transforms._integer import (
   integer_optimizer,
   integer_updates,
 )
+from fgjax.transforms._schedule import (
+  NumDirectionsState,
+  num_directions_on_plateau,
+  num_directions_schedule,
+  with_num_directions,
+)
+from fgjax.transforms._sharpness import SharpnessAware, sharpness_aware
 
 __all__ = [
   "ROUNDINGS",
   "ForwardGradientState",
   "IntegerOptimizerState",
   "IntegerUpdatesState",
+  "NumDirectionsState",
+  "SharpnessAware",
   "apply_integer_updates",
   "changed_fraction",
   "float_view",
   "forward_gradient",
   "integer_optimizer",
   "integer_updates",
+  "num_directions_on_plateau",
+  "num_directions_schedule",
+  "sharpness_aware",
+  "with_num_directions",
 ]
