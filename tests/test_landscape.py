@@ -70,10 +70,12 @@ def test_loss_surface_and_sharpness_of_a_quadratic():
   expected = 0.5 * 0.5 * alphas[None, :] ** 2 + 0.5 * 3.0 * betas[:, None] ** 2
   np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-6)
 
-  # Isotropic curvature c: a filter-normalised step of radius r rises by 0.5 c r^2 ||θ||^2 exactly.
+  # Isotropic curvature c: a filter-normalised step of radius r rises by 0.5 c r^2 ||θ||^2 exactly
+  # (the symmetric difference cancels the slope, so θ need not be the minimum).
   iso = lambda p: 0.5 * 2.0 * jnp.sum((p["w"] - minimum["w"]) ** 2)  # noqa: E731
-  rise = landscape.loss_rise(iso, minimum, jax.random.key(3), radius=0.1, num_samples=4)
-  expected_rise = 0.5 * 2.0 * 0.1**2 * float(jnp.sum(minimum["w"] ** 2))
+  shifted = {"w": minimum["w"] + 0.3}
+  rise = landscape.loss_rise(iso, shifted, jax.random.key(3), radius=0.1, num_samples=4)
+  expected_rise = 0.5 * 2.0 * 0.1**2 * float(jnp.sum(shifted["w"] ** 2))
   assert rise["mean"] == pytest.approx(expected_rise, rel=1e-4)
   assert rise["max"] == pytest.approx(expected_rise, rel=1e-4)
 

@@ -22,6 +22,7 @@ it. This module holds the pieces, on parameter pytrees (float; dequantize intege
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -168,18 +169,21 @@ def loss_surface(
     Array `(len(betas), len(alphas))`, row `j` column `i` at `(alphas[i], betas[j])`: the layout
     `matplotlib.pyplot.contour(alphas, betas, z)` expects.
   """
-  d1, d2 = directions
-
-  @jax.jit
-  def surface(coords):
-    def at(ab):
-      return loss_fn(jax.tree.map(lambda c, u, v: c + ab[0] * u + ab[1] * v, center, d1, d2))
-
-    return jax.lax.map(at, coords, batch_size=batch_size)
-
   a, b = np.meshgrid(np.asarray(alphas, np.float32), np.asarray(betas, np.float32))
   coords = jnp.stack([a.ravel(), b.ravel()], axis=1)
-  return np.asarray(surface(coords)).reshape(a.shape)
+  center = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), center)
+  values = _surface(loss_fn, batch_size, center, tuple(directions), coords)
+  return np.asarray(values).reshape(a.shape)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _surface(loss_fn, batch_size, center, directions, coords):
+  d1, d2 = directions
+
+  def at(ab):
+    return loss_fn(jax.tree.map(lambda c, u, v: c + ab[0] * u + ab[1] * v, center, d1, d2))
+
+  return jax.lax.map(at, coords, batch_size=batch_size)
 
 
 def hessian_top_eigenvalue(
@@ -205,36 +209,45 @@ def hessian_top_eigenvalue(
     mask: optional pytree of bools.
 
   Returns:
-    `(eigenvalue, eigenvector)`: a float and a unit pytree like `params`.
+    `(eigenvalue, eigenvector)`: a float and a unit pytree like `params`. Calls with the same
+    `loss_fn` object, mask and iteration count compile once.
 
   Example:
     >>> top, _ = hessian_top_eigenvalue(lambda p: loss(p, batch), params, jax.random.key(0))
   """
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  flags = tuple(_mask_leaves(params, mask))
+  eigenvalue, vector = _power_iteration(loss_fn, num_iterations, flags, params, key)
+  return float(eigenvalue), vector
+
+
+def _masked_flags(tree: PyTree, flags: tuple[bool, ...]) -> PyTree:
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef.unflatten(
+    [leaf if on else jnp.zeros_like(leaf) for leaf, on in zip(leaves, flags, strict=True)]
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _power_iteration(loss_fn, num_iterations, flags, params, key):
   grad_fn = jax.grad(loss_fn)
 
   def hvp(v):
-    return _masked(jax.jvp(grad_fn, (params,), (v,))[1], mask)
+    return _masked_flags(jax.jvp(grad_fn, (params,), (v,))[1], flags)
 
   def normalize(v):
     norm = jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree.leaves(v)))
     return jax.tree.map(lambda x: x / jnp.maximum(norm, 1e-30), v)
 
-  @jax.jit
-  def iterate(key):
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    start = treedef.unflatten(
-      [jax.random.normal(k, x.shape, jnp.float32) for k, x in zip(keys, leaves, strict=True)]
-    )
-    v = normalize(_masked(start, mask))
-    v = jax.lax.fori_loop(0, num_iterations, lambda _, v: normalize(hvp(v)), v)
-    pairs = zip(jax.tree.leaves(v), jax.tree.leaves(hvp(v)), strict=True)
-    eigenvalue = sum(jnp.vdot(a, b) for a, b in pairs)
-    return eigenvalue, v
-
-  eigenvalue, vector = iterate(key)
-  return float(eigenvalue), vector
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  start = treedef.unflatten(
+    [jax.random.normal(k, x.shape, jnp.float32) for k, x in zip(keys, leaves, strict=True)]
+  )
+  v = normalize(_masked_flags(start, flags))
+  v = jax.lax.fori_loop(0, num_iterations, lambda _, v: normalize(hvp(v)), v)
+  pairs = zip(jax.tree.leaves(v), jax.tree.leaves(hvp(v)), strict=True)
+  return sum(jnp.vdot(a, b) for a, b in pairs), v
 
 
 def loss_rise(
@@ -249,8 +262,10 @@ def loss_rise(
   """How much the loss rises when `params` move by a fixed relative radius in random directions.
 
   For `num_samples` filter-normalised directions `d_s` (`filter_normalized_direction`: every
-  filter moves by `radius` times its own norm), the rise is `L(θ + radius d_s) - L(θ)`. A flat
-  minimum rises little, a sharp one a lot.
+  filter moves by `radius` times its own norm), the rise is the symmetric difference
+  `(L(θ + r d_s) + L(θ - r d_s)) / 2 - L(θ) ≈ r² d_sᵀ H d_s / 2`: the first-order term cancels,
+  so a point that is not yet a minimum is measured by its curvature, not by its slope. A flat
+  region rises little, a sharp one a lot.
 
   Args:
     loss_fn: `loss_fn(params) -> scalar`.
@@ -268,15 +283,21 @@ def loss_rise(
   the worst over random directions.
   """
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  base = loss_fn(params)
-
-  @jax.jit
-  def rises(keys):
-    def one(k):
-      d = filter_normalized_direction(k, params, mask)
-      return loss_fn(jax.tree.map(lambda p, u: p + radius * u, params, d)) - base
-
-    return jax.lax.map(one, keys)
-
-  values = np.asarray(rises(jax.random.split(key, num_samples)), np.float64)
+  flags = tuple(_mask_leaves(params, mask))
+  keys = jax.random.split(key, num_samples)
+  values = np.asarray(_rises(loss_fn, flags, params, keys, jnp.float32(radius)), np.float64)
   return {"mean": float(values.mean()), "max": float(values.max()), "std": float(values.std())}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _rises(loss_fn, flags, params, keys, radius):
+  base = loss_fn(params)
+  mask = jax.tree.unflatten(jax.tree.structure(params), list(flags))
+
+  def one(k):
+    d = filter_normalized_direction(k, params, mask)
+    plus = loss_fn(jax.tree.map(lambda p, u: p + radius * u, params, d))
+    minus = loss_fn(jax.tree.map(lambda p, u: p - radius * u, params, d))
+    return 0.5 * (plus + minus) - base
+
+  return jax.lax.map(one, keys)
