@@ -12,6 +12,7 @@ from fgjax.data._audio import (
   mel_filterbank,
   mel_to_hz,
 )
+from fgjax.data._corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from fgjax.data._dataset import Batch, Dataset
 from fgjax.data._shifts import add_noise, adjust_brightness, adjust_contrast, gaussian_blur, rotate
 from fgjax.data._sources import (
@@ -29,9 +30,11 @@ from fgjax.data._splits import batches, few_shot, speaker_split, split
 from fgjax.data._tfds import TFDS_NAMES, tfds_source
 
 __all__ = [
+  "CORRUPTIONS",
   "DATA_DIR_ENV",
   "FSDD_SAMPLE_RATE",
   "FSDD_SPEAKERS",
+  "SEVERITIES",
   "TFDS_NAMES",
   "Batch",
   "Dataset",
@@ -39,6 +42,7 @@ __all__ = [
   "adjust_brightness",
   "adjust_contrast",
   "batches",
+  "corrupt",
   "digits",
   "few_shot",
   "fsdd",
