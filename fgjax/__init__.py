@@ -8,6 +8,7 @@ in float or on integer weights, as Optax transforms. From "Stepping Forward on t
 from fgjax import (
   data,
   estimators,
+  fewshot,
   landscape,
   lut,
   models,
@@ -45,6 +46,7 @@ __all__ = [
   "changed_fraction",
   "data",
   "estimators",
+  "fewshot",
   "forward_gradient",
   "integer_optimizer",
   "integer_updates",

@@ -1,8 +1,8 @@
 """Data for last-mile adaptation: offline sources, TFDS, audio features, splits and shifts.
 
 Everything here is numpy (no JAX, no TensorFlow at import time). Offline sources read a folder given
-as an argument or found under `$FGJAX_DATA_DIR` (`mnist/`, `fsdd/recordings/`); `tfds_source` needs
-the optional extra `pip install fgjax[tfds]`.
+as an argument or found under `$FGJAX_DATA_DIR` (`mnist/`, `fsdd/recordings/`, `omniglot/`);
+`tfds_source` needs the optional extra `pip install fgjax[tfds]`.
 """
 
 from fgjax.data._audio import (
@@ -14,6 +14,14 @@ from fgjax.data._audio import (
 )
 from fgjax.data._corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from fgjax.data._dataset import Batch, Dataset
+from fgjax.data._omniglot import (
+  OMNIGLOT_BACKGROUND_ZIPS,
+  Omniglot,
+  OneShotRun,
+  omniglot,
+  omniglot_runs,
+  omniglot_tfds,
+)
 from fgjax.data._shifts import add_noise, adjust_brightness, adjust_contrast, gaussian_blur, rotate
 from fgjax.data._sources import (
   DATA_DIR_ENV,
@@ -34,10 +42,13 @@ __all__ = [
   "DATA_DIR_ENV",
   "FSDD_SAMPLE_RATE",
   "FSDD_SPEAKERS",
+  "OMNIGLOT_BACKGROUND_ZIPS",
   "SEVERITIES",
   "TFDS_NAMES",
   "Batch",
   "Dataset",
+  "Omniglot",
+  "OneShotRun",
   "add_noise",
   "adjust_brightness",
   "adjust_contrast",
@@ -53,6 +64,9 @@ __all__ = [
   "mel_filterbank",
   "mel_to_hz",
   "mnist_idx",
+  "omniglot",
+  "omniglot_runs",
+  "omniglot_tfds",
   "pad_or_trim",
   "read_wav",
   "rotate",
