@@ -7,6 +7,7 @@ in float or on integer weights, as Optax transforms. From "Stepping Forward on t
 
 from fgjax import (
   data,
+  efficiency,
   estimators,
   fewshot,
   landscape,
@@ -45,6 +46,7 @@ __all__ = [
   "apply_integer_updates",
   "changed_fraction",
   "data",
+  "efficiency",
   "estimators",
   "fewshot",
   "forward_gradient",
