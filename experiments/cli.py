@@ -1,8 +1,16 @@
-"""What the binaries share: one-line errors for bad flags and bad configs, quieter logging."""
+"""What the binaries share: one-line errors for bad flags, bad configs and failed runs."""
 
 import sys
 
 from absl import flags, logging
+
+# Exit statuses: 2 a bad flag, config, data file or checkpoint (nothing was written); 3 the run
+# diverged (NaN/Inf; no non-finite checkpoint was written); 1 an OS error while running.
+EXIT_CONFIG, EXIT_DIVERGED, EXIT_OS = 2, 3, 1
+
+
+def _one_line(error) -> str:
+  return " ".join(str(error).split())
 
 
 def parse_flags_or_exit(argv):
@@ -17,9 +25,8 @@ def parse_flags_or_exit(argv):
         getattr(value, "keys", None)  # A config that failed to load raises OSError here.
     return remaining
   except (flags.Error, OSError, AttributeError, ValueError, TypeError, SyntaxError) as error:
-    message = " ".join(str(error).split())
-    print(f"error: bad flags: {message}", file=sys.stderr)
-    sys.exit(2)
+    print(f"error: bad flags: {_one_line(error)}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG)
 
 
 def quiet_logging() -> None:
@@ -29,11 +36,23 @@ def quiet_logging() -> None:
 
 
 def run_or_exit(config, workdir):
-  """`train.train_and_evaluate`, with a `ConfigError` as one line on stderr and exit status 2."""
+  """`train.train_and_evaluate`, with every expected failure as one line on stderr and a non-zero
+  exit: a `ConfigError` (flags, data files, checkpoints; status 2), a diverged run (3), an OS
+  error such as a full disk while writing (1, naming the file)."""
   from experiments import train
 
   try:
     return train.train_and_evaluate(config, workdir)
   except train.ConfigError as error:
-    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-    sys.exit(2)
+    print(f"error: {_one_line(error)}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG)
+  except train.TrainingDiverged as error:
+    print(f"error: diverged: {_one_line(error)}", file=sys.stderr)
+    sys.exit(EXIT_DIVERGED)
+  except OSError as error:
+    where = f" {error.filename!r}:" if getattr(error, "filename", None) else ""
+    print(
+      f"error: while running in --workdir={workdir!r}:{where} {_one_line(error.strerror or error)}",
+      file=sys.stderr,
+    )
+    sys.exit(EXIT_OS)

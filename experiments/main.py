@@ -1,8 +1,11 @@
 """Pretraining or last-mile adaptation: `python -m experiments.main --config=... --workdir=...`.
 
 Only parses flags and calls `experiments.train.train_and_evaluate(config, workdir)` (flax examples'
-layout). A bad flag, an unknown name, a missing data folder or a checkpoint of another model prints
-one line on stderr and exits with status 2, before anything is written into the workdir.
+layout). Every config value, the workdir, the data files and the checkpoints are checked before
+anything is written into the workdir: a bad one prints one line on stderr (`error: ...`, naming the
+flag or the file) and exits with status 2. A run whose loss or weights become NaN/Inf exits with
+status 3 and leaves no non-finite checkpoint; an OS error while running (a full disk) exits with
+status 1. See docs/binaries.md.
 """
 
 import sys

@@ -1,372 +1,42 @@
 """`train_and_evaluate(config, workdir)`: backprop pretraining, or last-mile adaptation.
 
-`config.mode == "pretrain"`: float backprop on the source domain; orbax checkpoints in
-`workdir/checkpoints`. `config.mode == "adapt"`: loads the pretrained checkpoint of
-`config.adapt.pretrained` (a pretraining workdir), converts it to `config.adapt.precision`
-(integer kernels with `weight_storage="integer"`), and adapts on the few target examples with
-`config.adapt.method` (backprop, jvp, spsa, sign_spsa).
+`config.mode == "pretrain"`: float backprop on the source domain. `config.mode == "adapt"`: loads
+the pretrained checkpoint of `config.adapt.pretrained` (a pretraining workdir), converts it to
+`config.adapt.precision` (integer kernels with `weight_storage="integer"`), and adapts on the few
+target examples with `config.adapt.method` (backprop, jvp, spsa, sign_spsa).
 
-Everything is validated (flags, names, data folder, checkpoint shapes) before anything is written
-into the workdir; a problem raises `ConfigError` with a one-line message. Both modes resume from
-the workdir's latest checkpoint and then end exactly as an uninterrupted run: the data order is a
+The jobs live in their own modules: `validation` (every flag, before anything), `build` (data,
+model, checkpoints to start from: `prepare`), `checkpoints` (trusted Orbax steps), `reporting`
+(progress line, metrics, plot, table); this module is the run loop. Both modes resume from the
+workdir's latest good checkpoint and then end exactly as an uninterrupted run: the data order is a
 function of (seed, step) and all randomness lives in the checkpointed state.
+
+Non-finite guard: each step reports whether its loss and new parameters are finite. With
+`config.nonfinite="stop"` (default) the run stops with `TrainingDiverged` at the first bad step,
+before any checkpoint of it; with "skip" that update is dropped (the step still counts).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
-import pathlib
+import math
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from experiments import tasks
+from experiments import checkpoints as ckpt
+from experiments import reporting
+from experiments.build import Plan, _model, prepare
+from experiments.reporting import summary_table  # noqa: F401  (re-exported for the binaries)
+from experiments.validation import ConfigError  # noqa: F401  (re-exported for the binaries)
 from fgjax import training
 
-MODES = ("pretrain", "adapt")
-# Forward-gradient methods perturb integer kernels on their grid; backprop and jvp need float ones.
-FLOAT_ONLY_METHODS = ("backprop", "jvp")
 
-
-class ConfigError(ValueError):
-  """A problem with the flags, the data or a checkpoint, found before anything is written."""
-
-
-@dataclasses.dataclass
-class Plan:
-  """Everything prepared and validated before the workdir is touched."""
-
-  config: Any
-  workdir: pathlib.Path
-  task: tasks.Task
-  model: Any
-  state: training.TrainState
-  optimizer: Any
-  step_kwargs: dict
-  train_data: Any
-  resume_step: int | None
-  info: dict
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _savable(state: training.TrainState) -> dict:
-  """The state as nested dicts of arrays; typed keys as key data; opt_state as indexed leaves."""
-
-  def plain(x):
-    return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
-
-  opt_leaves = jax.tree.leaves(state.opt_state)
-  out = {
-    "step": state.step,
-    "params": state.params,
-    "rng": plain(state.rng),
-    # Orbax refuses empty arrays (e.g. backprop's (0,) directional derivatives); the template
-    # supplies them on restore.
-    "opt_state": {f"{i:04d}": plain(x) for i, x in enumerate(opt_leaves) if np.size(x) > 0},
-  }
-  if state.model_state:
-    out["model_state"] = state.model_state
-  return out
-
-
-def _from_savable(tree: dict, template: training.TrainState) -> training.TrainState:
-  def typed(x, like):
-    if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(jnp.asarray(x), impl=jax.random.key_impl(like))
-    return jnp.asarray(x)
-
-  opt_leaves, opt_def = jax.tree.flatten(template.opt_state)
-  saved = tree["opt_state"]
-  restored = [
-    typed(saved[f"{i:04d}"], like) if f"{i:04d}" in saved else like
-    for i, like in enumerate(opt_leaves)
-  ]
-  return training.TrainState(
-    step=jnp.asarray(tree["step"]),
-    params=jax.tree.map(jnp.asarray, tree["params"]),
-    model_state=jax.tree.map(jnp.asarray, tree.get("model_state", {})),
-    opt_state=jax.tree.unflatten(opt_def, restored),
-    rng=typed(tree["rng"], template.rng),
-  )
-
-
-def _manager(directory: pathlib.Path, create: bool, keep: int = 2) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-  return ocp.CheckpointManager(directory.absolute(), options=options)
-
-
-def _latest_step(directory: pathlib.Path) -> int | None:
-  if not directory.is_dir():
-    return None
-  return _manager(directory, create=False).latest_step()
-
-
-def _restore_raw(directory: pathlib.Path, step: int) -> tuple[dict, dict]:
-  manager = _manager(directory, create=False)
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-  )
-  return dict(restored["state"]), dict(restored["meta"])
-
-
-def _check_like(what: str, found, expected) -> None:
-  """Raises ConfigError naming the first leaf whose path, shape or dtype differ."""
-  found_flat = {
-    jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(found)[0]
-  }
-  want_flat = {
-    jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]
-  }
-  for path, want in want_flat.items():
-    if path not in found_flat:
-      raise ConfigError(f"{what}: it has no {path}; is it a checkpoint of another model?")
-    got, want = tuple(np.shape(found_flat[path])), tuple(want.shape)
-    if got != want:
-      raise ConfigError(
-        f"{what}: {path} has shape {got} but the model expects {want}; "
-        "is it a checkpoint of another model?"
-      )
-  extra = sorted(set(found_flat) - set(want_flat))
-  if extra:
-    raise ConfigError(f"{what}: unexpected {extra[0]}; is it a checkpoint of another model?")
-
-
-# ----------------------------------------------------------------------------- preparation
-
-
-def _model(config, quant):
-  from fgjax import models
-
-  kwargs = dict(config.model.kwargs or {})
-  return models.get_model(config.model.name, num_classes=10, quant=quant, **kwargs)
-
-
-def _init_variables(model, x, seed: int, *, shapes_only: bool = False) -> dict:
-  init = jax.jit(lambda key, x: model.init(key, x, train=False))
-  if shapes_only:
-    init = functools.partial(jax.eval_shape, init)
-  return dict(init(jax.random.key(seed), jnp.asarray(x[:1])))
-
-
-def _quant(adapt):
-  from fgjax import quant
-
-  if adapt.precision == "float32":
-    if adapt.weight_storage != "float":
-      raise ConfigError("adapt.weight_storage='integer' needs an integer precision, e.g. w16a8.")
-    return None
-  return quant.preset(adapt.precision, weight_storage=adapt.weight_storage)
-
-
-def _to_precision(variables: dict, quant, like=None) -> dict:
-  """Pretrained float variables in the adapt precision: integer kernels + scales if asked; `like`
-  (the integer model's variable shapes) sets each layer's calibration axes."""
-  if quant is None or quant.weight_storage != "integer":
-    return dict(variables)
-  from fgjax import quant as fq
-
-  return dict(fq.quantize_params(variables, quant, like=like))
-
-
-def prepare(config, workdir) -> Plan:
-  """Validates the config, loads data and checkpoints; writes nothing. Raises ConfigError."""
-  workdir = pathlib.Path(workdir)
-  if config.mode not in MODES:
-    raise ConfigError(f"mode: unknown {config.mode!r}; valid: {', '.join(MODES)}.")
-  if workdir.exists() and not workdir.is_dir():
-    raise ConfigError(f"workdir: {str(workdir)!r} exists and is not a directory.")
-  from fgjax import models
-
-  if models._factory._normalize(config.model.name) not in {
-    models._factory._normalize(n) for n in models.model_names()
-  }:
-    raise ConfigError(
-      f"model.name: unknown model {config.model.name!r}; valid: {', '.join(models.model_names())}."
-    )
-  adapt = config.adapt
-  if config.mode == "adapt":
-    if adapt.method not in training.METHODS:
-      raise ConfigError(
-        f"adapt.method: unknown {adapt.method!r}; valid: {', '.join(training.METHODS)}."
-      )
-    from fgjax.quant import _config as quant_config
-
-    if adapt.precision not in quant_config.PRESET_NAMES:
-      raise ConfigError(
-        f"adapt.precision: unknown preset {adapt.precision!r}; "
-        f"valid: {', '.join(quant_config.PRESET_NAMES)}."
-      )
-    if adapt.weight_storage == "integer" and adapt.method in FLOAT_ONLY_METHODS:
-      raise ConfigError(
-        f"adapt.method={adapt.method!r} needs float weights; use weight_storage='float' "
-        "(fake quantization) or a forward-only method (spsa, sign_spsa)."
-      )
-    if adapt.rounding not in training.ROUNDINGS:
-      raise ConfigError(
-        f"adapt.rounding: unknown {adapt.rounding!r}; valid: {', '.join(training.ROUNDINGS)}."
-      )
-    if not adapt.pretrained:
-      raise ConfigError("adapt.pretrained: the pretraining workdir is required in mode 'adapt'.")
-    pretrained_dir = pathlib.Path(adapt.pretrained) / "checkpoints"
-    pretrained_step = _latest_step(pretrained_dir)
-    if pretrained_step is None:
-      raise ConfigError(f"adapt.pretrained: no checkpoint in {str(pretrained_dir)!r}.")
-  try:
-    task = tasks.build_task(config.data, config.seed)
-  except (FileNotFoundError, ValueError) as error:
-    raise ConfigError(str(error)) from None
-  for name, data in task._asdict().items():
-    if len(data) == 0:
-      raise ConfigError(f"data: the {name} split is empty; use more data or fewer shots.")
-
-  info = {"mode": config.mode, "task": config.data.name, "model": config.model.name}
-  if config.mode == "pretrain":
-    try:
-      model = _model(config, None)
-      variables = _init_variables(model, task.source_train.x, config.seed)
-    except (TypeError, ValueError) as error:
-      raise ConfigError(f"model: {error}") from None
-    params = variables.pop("params")
-    section = config.pretrain
-    try:
-      optimizer = training.make_optimizer(section, forward=False)
-    except ValueError as error:
-      raise ConfigError(f"pretrain.{error}") from None
-    state = training.TrainState.create(params, variables, optimizer, jax.random.key(config.seed))
-    step_kwargs = {"update_batch_stats": True}
-    train_data = task.source_train
-  else:
-    quant = _quant(adapt)
-    try:
-      float_model = _model(config, None)
-      model = _model(config, quant)
-      expected = _init_variables(float_model, task.target_train.x, config.seed, shapes_only=True)
-    except (TypeError, ValueError) as error:
-      raise ConfigError(f"model: {error}") from None
-    raw, meta = _restore_raw(pretrained_dir, pretrained_step)
-    pretrained = {"params": raw["params"], **raw.get("model_state", {})}
-    _check_like(f"adapt.pretrained checkpoint {str(pretrained_dir)!r}", pretrained, expected)
-    pretrained = jax.tree.map(jnp.asarray, pretrained)
-    info["pretrained_model"] = meta.get("model")
-    integer = quant is not None and quant.weight_storage == "integer"
-    like = _init_variables(model, task.target_train.x, config.seed, shapes_only=True)
-    variables = _to_precision(pretrained, quant, like if integer else None)
-    params = variables.pop("params")
-    try:
-      mask = training.trainable_mask(params, adapt.trainable, last_k=int(adapt.last_k))
-      # Integer kernels and float biases train together: epsilon and the learning rate are in
-      # weight units for both (integer leaves through their grid steps, `leaf_scales`).
-      from fgjax import quant as fq
-
-      scales = fq.leaf_scales(params, variables) if integer else None
-      optimizer = training.make_optimizer(
-        adapt,
-        mask=mask,
-        forward=True,
-        seed=config.seed,
-        integer_weights=integer,
-        scales=scales,
-      )
-    except ValueError as error:
-      raise ConfigError(f"adapt.{error}") from None
-    state = training.TrainState.create(params, variables, optimizer, jax.random.key(config.seed))
-    step_kwargs = {"update_batch_stats": False}
-    train_data = task.target_train
-    info.update(
-      method=adapt.method,
-      precision=adapt.precision,
-      weight_storage=adapt.weight_storage,
-      trainable=adapt.trainable,
-      trainable_params=training.num_params(params, mask),
-      total_params=training.num_params(params),
-      pretrained_float_variables=pretrained,
-    )
-    info["mask"] = mask
-
-  # A checkpoint already in the workdir: resume from it, if it fits this run.
-  checkpoints = workdir / "checkpoints"
-  resume_step = _latest_step(checkpoints)
-  if resume_step is not None:
-    raw, _ = _restore_raw(checkpoints, resume_step)
-    expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), _savable(state))
-    _check_like(f"workdir checkpoint {str(checkpoints)!r}", raw, expected)
-  return Plan(
-    config, workdir, task, model, state, optimizer, step_kwargs, train_data, resume_step, info
-  )
-
-
-# ----------------------------------------------------------------------------- logging
-
-
-class Progress:
-  """Dependency-free text progress on stderr: step, steps/s, ETA, the last loss."""
-
-  def __init__(self, total: int, start: int, label: str, stream=None):
-    self.total, self.start, self.label = total, start, label
-    self.stream = stream or sys.stderr
-    self.tty = getattr(self.stream, "isatty", lambda: False)()
-    self.begin = time.time()
-
-  def update(self, step: int, loss: float) -> None:
-    done = step - self.start
-    elapsed = max(time.time() - self.begin, 1e-9)
-    rate = done / elapsed
-    eta = (self.total - step) / rate if rate > 0 else float("inf")
-    width = 24
-    filled = int(width * step / max(self.total, 1))
-    line = (
-      f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} "
-      f"{rate:.1f} steps/s ETA {eta:.0f}s loss {loss:.4f}"
-    )
-    self.stream.write(("\r" + line) if self.tty else line + "\n")
-    self.stream.flush()
-
-  def close(self) -> None:
-    if self.tty:
-      self.stream.write("\n")
-      self.stream.flush()
-
-
-class MetricWriter:
-  """JSON lines in `workdir/metrics.jsonl` and TensorBoard events in `workdir/tensorboard`."""
-
-  def __init__(self, workdir: pathlib.Path, resume_step: int | None):
-    self.path = workdir / "metrics.jsonl"
-    if self.path.exists():
-      # After an interruption, drop what the lost steps logged: they are recomputed.
-      keep = []
-      for line in self.path.read_text().splitlines():
-        record = json.loads(line)
-        if resume_step is not None and record.get("step", 0) <= resume_step:
-          keep.append(line)
-      self.path.write_text("".join(line + "\n" for line in keep))
-    from tensorboardX import SummaryWriter
-
-    self.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step)
-
-  def write(self, step: int, scalars: dict) -> None:
-    record = {"step": step, **{k: float(v) for k, v in scalars.items()}}
-    with self.path.open("a") as file:
-      file.write(json.dumps(record) + "\n")
-    for name, value in scalars.items():
-      self.tensorboard.add_scalar(name, float(value), step)
-
-  def close(self) -> None:
-    self.tensorboard.flush()
-    self.tensorboard.close()
-
-
-# ----------------------------------------------------------------------------- running
+class TrainingDiverged(RuntimeError):
+  """The loss or the parameters became NaN or infinite (`config.nonfinite="stop"`)."""
 
 
 def _batch(data, batch_size: int, seed: int, step: int):
@@ -380,6 +50,48 @@ def _evaluate(model, params, model_state, data, batch_size) -> dict:
   return training.evaluate(
     training.make_eval_step(model), params, model_state, data.x, data.y, batch_size
   )
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
+def _saturated_fraction(params, mask) -> jax.Array | None:
+  """The fraction of trainable integer weights at their grid's limit ±(2^{b-1} - 1)."""
+  leaves = jax.tree.leaves(params)
+  flags = jax.tree.leaves(mask) if mask is not None else [True] * len(leaves)
+  at_limit = total = 0
+  for leaf, on in zip(leaves, flags, strict=True):
+    if on and jnp.issubdtype(leaf.dtype, jnp.integer):
+      limit = 2 ** (jnp.iinfo(leaf.dtype).bits - 1) - 1
+      at_limit = at_limit + jnp.sum(jnp.abs(leaf.astype(jnp.int32)) >= limit)
+      total += leaf.size
+  return at_limit / total if total else None
+
+
+def make_guarded_step(model, optimizer, *, skip_nonfinite: bool, mask=None, **kwargs):
+  """`training.train_step`, jitted with the state donated, plus health metrics: `finite` (loss and
+  new parameters and model state all finite), and `saturated_fraction` for integer weights. With
+  `skip_nonfinite` a non-finite update is dropped: the state stays, only the step advances."""
+
+  def step(state, batch):
+    new, metrics = training.train_step(state, batch, model=model, optimizer=optimizer, **kwargs)
+    finite = jnp.isfinite(metrics["loss"]) & _all_finite((new.params, new.model_state))
+    if skip_nonfinite:
+      keep = lambda a, b: jnp.where(finite, a, b)
+      new = new.replace(
+        params=jax.tree.map(keep, new.params, state.params),
+        model_state=jax.tree.map(keep, new.model_state, state.model_state),
+        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
+      )
+    metrics = {**metrics, "finite": finite}
+    saturated = _saturated_fraction(new.params, mask)
+    if saturated is not None:
+      metrics["saturated_fraction"] = saturated
+    return new, metrics
+
+  return jax.jit(step, donate_argnums=0)
 
 
 def _backprop_reference_memory(plan: Plan, batch) -> dict | None:
@@ -406,154 +118,206 @@ def _backprop_reference_memory(plan: Plan, batch) -> dict | None:
   return training.memory_stats(step, state, batch)
 
 
-def run(plan: Plan) -> dict:
+def _eval_scalars(plan: Plan, state, eval_batch: int) -> dict:
+  source = _evaluate(plan.model, state.params, state.model_state, plan.task.source_test, eval_batch)
+  target = _evaluate(plan.model, state.params, state.model_state, plan.task.target_test, eval_batch)
+  return {
+    "eval/source_accuracy": source["accuracy"],
+    "eval/target_accuracy": target["accuracy"],
+    "eval/source_loss": source["loss"],
+    "eval/target_loss": target["loss"],
+  }
+
+
+def run(plan: Plan, progress: reporting.Progress | None = None) -> dict:
   """Trains, checkpoints, logs, evaluates; returns the summary (also written to the workdir)."""
   config, workdir = plan.config, plan.workdir
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  progress = progress or reporting.Progress(config.mode)
+  for note in plan.notes:
+    progress.close()
+    print(note, file=sys.stderr)
   section = config.pretrain if config.mode == "pretrain" else config.adapt
   total_steps = int(section.steps)
-  batch_size = int(section.batch_size)
+  if plan.complete is not None:
+    progress.close()
+    print(
+      f"already complete: {str(workdir)!r} holds the final step {total_steps} and its summary "
+      "(kept as it is; nothing was run).",
+      file=sys.stderr,
+    )
+    return plan.complete
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  requested_batch = int(section.batch_size)
+  batch_size = min(requested_batch, len(plan.train_data))
+  if batch_size < requested_batch:
+    progress.close()
+    print(
+      f"note: --config.{config.mode}.batch_size={requested_batch} is more than the "
+      f"{len(plan.train_data)} training examples; using batches of {batch_size}.",
+      file=sys.stderr,
+    )
   eval_batch = int(config.eval_batch_size)
-  task, model = plan.task, plan.model
-  manager = _manager(workdir / "checkpoints", create=True)
+  eval_every = int(config.eval_every)
+  task = plan.task
+  store = ckpt.Checkpoints(workdir / "checkpoints", create=True)
 
   state = plan.state
-  if plan.resume_step is not None:
-    raw, _ = _restore_raw(workdir / "checkpoints", plan.resume_step)
-    state = _from_savable(raw, plan.state)
-    print(f"Resuming from the checkpoint of step {plan.resume_step}.", file=sys.stderr)
+  if plan.resume is not None:
+    resume_step, tree = plan.resume
+    state = ckpt.from_savable(tree, plan.state)
+    progress.close()
+    print(f"Resuming from the checkpoint of step {resume_step}.", file=sys.stderr)
   start = int(state.step)
+  mask = plan.info.get("mask")
 
-  if config.mode == "adapt":
-    float_model = _model(config, None)
-    pre = dict(plan.info["pretrained_float_variables"])
-    pre_params = pre.pop("params")
-    zero_shot_float = _evaluate(float_model, pre_params, pre, task.target_test, eval_batch)
-    zero_shot = _evaluate(
-      model, plan.state.params, plan.state.model_state, task.target_test, eval_batch
-    )
-  step_fn = training.make_train_step(model, plan.optimizer, **plan.step_kwargs)
-  first_batch = _batch(plan.train_data, batch_size, config.seed, 0)
-  # Compiled once, ahead of time: the same executable gives the memory estimate and runs the steps.
-  step_fn, memory = training.compile_with_memory(step_fn, state, first_batch)
-
-  meta = {"model": config.model.name, "model_kwargs": dict(config.model.kwargs or {})}
-  writer = MetricWriter(workdir, plan.resume_step)
-  progress = Progress(total_steps, start, config.mode)
-  stop_at = int(config.get("stop_after", 0) or 0)
-  begin = time.time()
-  metrics = None
-  for step in range(start, total_steps):
-    if stop_at and step >= stop_at:
-      # Simulated interruption (tests): leave without saving, as a killed process would.
-      manager.wait_until_finished()
-      writer.close()
-      raise KeyboardInterrupt(f"stopped at step {step} (config.stop_after)")
-    batch = _batch(plan.train_data, batch_size, config.seed, step)
-    state, metrics = step_fn(state, batch)
-    done = step + 1
-    if done % int(config.log_every) == 0 or done == total_steps:
-      scalars = jax.device_get(metrics)
-      writer.write(done, scalars)
-      progress.update(done, float(scalars["loss"]))
-    if done % int(config.checkpoint_every) == 0 or done == total_steps:
-      manager.save(
-        done,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardSave(_savable(state)), meta=ocp.args.JsonSave(meta)
-        ),
+  writer = reporting.MetricWriter(workdir, plan.resume[0] if plan.resume else None)
+  zero_shot = zero_shot_float = None
+  try:
+    progress.phase("evaluating the starting model")
+    if config.mode == "adapt":
+      float_model = _model(config, None)
+      pre = dict(plan.info["pretrained_float_variables"])
+      pre_params = pre.pop("params")
+      zero_shot_float = _evaluate(float_model, pre_params, pre, task.target_test, eval_batch)
+      zero_shot = _evaluate(
+        plan.model, plan.state.params, plan.state.model_state, task.target_test, eval_batch
       )
-  progress.close()
-  manager.wait_until_finished()
-  seconds = time.time() - begin
+    if start == 0:
+      writer.write(0, _eval_scalars(plan, state, eval_batch))
+    progress.phase("compiling the training step")
+    step_fn = make_guarded_step(
+      plan.model,
+      plan.optimizer,
+      skip_nonfinite=config.nonfinite == "skip",
+      mask=mask,
+      **plan.step_kwargs,
+    )
+    first_batch = _batch(plan.train_data, batch_size, config.seed, 0)
+    # Compiled once, ahead of time: the same executable gives the memory estimate and runs steps.
+    step_fn, memory = training.compile_with_memory(step_fn, state, first_batch)
 
-  summary = {
-    **{k: v for k, v in plan.info.items() if k not in ("pretrained_float_variables", "mask")}
-  }
+    progress.start_steps(total_steps, start)
+    stop_at = int(config.stop_after)
+    begin = time.time()
+    skipped = 0
+    warned_saturation = False
+    last_saved = plan.resume[0] if plan.resume else None
+    last_eval = None
+    for step in range(start, total_steps):
+      if stop_at and step >= stop_at:
+        # Simulated interruption (tests): leave without saving, as a killed process would.
+        store.wait()
+        raise KeyboardInterrupt(f"stopped at step {step} (config.stop_after)")
+      batch = _batch(plan.train_data, batch_size, config.seed, step)
+      state, metrics = step_fn(state, batch)
+      done = step + 1
+      if not bool(metrics["finite"]):
+        if config.nonfinite == "stop":
+          progress.close()
+          loss = float(metrics["loss"])
+          kept = f"step {last_saved}" if last_saved is not None else "none"
+          raise TrainingDiverged(
+            f"step {done}: the loss ({loss}) or the parameters became non-finite; the run is "
+            f"stopped and this state was not saved (last checkpoint: {kept}). Lower "
+            f"--config.{config.mode}.optimizer_kwargs.learning_rate, or "
+            "--config.nonfinite=skip to drop such updates."
+          )
+        skipped += 1
+      log_now = done % int(config.log_every) == 0 or done == total_steps
+      record = {}
+      if log_now:
+        record = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
+        if config.nonfinite == "skip":
+          record["skipped_updates"] = skipped
+        saturated = record.get("saturated_fraction")
+        if saturated is not None and saturated > config.saturation_warning:
+          if not warned_saturation:
+            progress.close()
+            print(
+              f"warning: step {done}: {100 * saturated:.1f} % of the trainable integer weights "
+              f"sit at their grid's limit (> {100 * config.saturation_warning:.1f} %); the "
+              "learning rate or epsilon may be too large.",
+              file=sys.stderr,
+            )
+            warned_saturation = True
+      if (eval_every and done % eval_every == 0) or done == total_steps:
+        last_eval = _eval_scalars(plan, state, eval_batch)
+        record.update(last_eval)
+      if record:
+        writer.write(done, record)
+      if log_now:
+        extra = ""
+        if last_eval is not None:
+          extra = f" target acc {100 * last_eval['eval/target_accuracy']:.1f} %"
+        progress.update(done, float(record["loss"]), extra)
+      if done % int(config.checkpoint_every) == 0 or done == total_steps:
+        store.save(done, state, config)
+        last_saved = done
+    progress.close()
+    store.wait()
+    seconds = time.time() - begin
+  finally:
+    writer.close()
+
+  if last_eval is None:  # Resumed at the final step, before the summary was written.
+    last_eval = _eval_scalars(plan, state, eval_batch)
+  summary = {k: v for k, v in plan.info.items() if k not in ("pretrained_float_variables", "mask")}
   summary.update(
     steps=total_steps,
     batch_size=batch_size,
+    batch_size_requested=requested_batch,
+    precision=config.adapt.precision if config.mode == "adapt" else "float32",
     train_examples=len(plan.train_data),
     seconds_this_run=round(seconds, 2),
     memory_bytes=memory,
+    nonfinite=config.nonfinite,
+    skipped_updates=skipped,
   )
-  source = _evaluate(model, state.params, state.model_state, task.source_test, eval_batch)
-  target = _evaluate(model, state.params, state.model_state, task.target_test, eval_batch)
+  source, target = last_eval["eval/source_accuracy"], last_eval["eval/target_accuracy"]
   if config.mode == "pretrain":
-    summary.update(source_accuracy=source["accuracy"], target_zero_shot_accuracy=target["accuracy"])
+    summary.update(source_accuracy=source, target_zero_shot_accuracy=target)
   else:
     passes = training.forward_passes_per_step(config.adapt)
     summary.update(
       zero_shot_accuracy_float32=zero_shot_float["accuracy"],
       zero_shot_accuracy=zero_shot["accuracy"],
-      adapted_accuracy=target["accuracy"],
-      source_accuracy_after=source["accuracy"],
+      adapted_accuracy=target,
+      source_accuracy_after=source,
       passes_per_step=passes,
       total_passes={k: v * total_steps for k, v in passes.items()},
       num_directions=int(config.adapt.num_directions),
     )
-    if config.adapt.get("compare_backprop_memory", True):
+    if config.adapt.compare_backprop_memory:
       summary["backprop_memory_bytes"] = _backprop_reference_memory(plan, first_batch)
+  summary = _finite_json(summary)
+  png = workdir / "curves.png"
+  reporting.plot_curves(workdir / "metrics.jsonl", png, f"{config.mode}: {workdir.name}")
+  summary["curves_png"] = png.name
+  (workdir / "summary.md").write_text(summary_table([summary]) + f"\n\n![curves]({png.name})\n")
+  # Written last: its presence marks the workdir complete.
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-  table = summary_table([summary])
-  (workdir / "summary.md").write_text(table + "\n")
-  writer.close()
-  manager.close()
+  store.close()
   return summary
 
 
-def _kib(nbytes) -> str:
-  return "-" if nbytes is None or nbytes < 0 else f"{nbytes / 1024:.0f}"
-
-
-def _pct(value) -> str:
-  return "-" if value is None else f"{100 * value:.1f}"
-
-
-def summary_table(summaries: list[dict]) -> str:
-  """A Markdown table, one row per run (pretraining or adaptation)."""
-  header = (
-    "| run | method | precision | trainable | zero-shot acc % | adapted acc % | steps "
-    "| passes (fwd/bwd/jvp) | step temp KiB | step total KiB | backprop temp / total KiB |"
-  )
-  lines = [header, "|" + "---|" * 11]
-  for s in summaries:
-    if s["mode"] == "pretrain":
-      row = [
-        "pretrain",
-        "backprop",
-        "float32",
-        "full",
-        _pct(s.get("target_zero_shot_accuracy")),
-        f"source {_pct(s.get('source_accuracy'))}",
-        str(s["steps"]),
-        f"{s['steps']}/{s['steps']}/0",
-        _kib(s["memory_bytes"]["temp"]),
-        _kib(s["memory_bytes"]["total"]),
-        "-",
-      ]
-    else:
-      total = s["total_passes"]
-      ref = s.get("backprop_memory_bytes") or {}
-      precision = s["precision"] + (" int" if s["weight_storage"] == "integer" else "")
-      row = [
-        s.get("name", "adapt"),
-        s["method"] + (f" K={s['num_directions']}" if s["method"] != "backprop" else ""),
-        precision,
-        f"{s['trainable']} ({s['trainable_params']}/{s['total_params']})",
-        f"{_pct(s['zero_shot_accuracy'])} (float {_pct(s['zero_shot_accuracy_float32'])})",
-        _pct(s["adapted_accuracy"]),
-        str(s["steps"]),
-        f"{total['forward']}/{total['backward']}/{total['jvp']}",
-        _kib(s["memory_bytes"]["temp"]),
-        _kib(s["memory_bytes"]["total"]),
-        f"{_kib(ref.get('temp'))} / {_kib(ref.get('total'))}" if ref else "-",
-      ]
-    lines.append("| " + " | ".join(row) + " |")
-  return "\n".join(lines)
+def _finite_json(value):
+  """NaN/inf as strings: summary.json stays valid JSON."""
+  if isinstance(value, dict):
+    return {k: _finite_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_json(v) for v in value]
+  if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+    return str(float(value))
+  return value
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Validates (`prepare`, raises ConfigError before writing anything), then `run`s."""
-  return run(prepare(config, workdir))
+  """Validates and prepares (`build.prepare`, raises ConfigError before writing anything), then
+  `run`s, with a progress line on stderr from the first second."""
+  progress = reporting.Progress(config.get("mode", "run"))
+  try:
+    plan = prepare(config, workdir, progress.phase)
+  finally:
+    progress.close()
+  return run(plan, progress)

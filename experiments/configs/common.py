@@ -11,7 +11,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every = 50
   config.checkpoint_every = 200
   config.eval_batch_size = 256
+  config.eval_every = 0  # Eval accuracy (source and target test) every N steps; 0: start and end.
   config.stop_after = 0  # Tests: leave at this step without saving, as if killed.
+  config.nonfinite = "stop"  # stop | skip: a step whose loss or parameters become NaN/Inf.
+  config.saturation_warning = 0.01  # Warn when this fraction of integer weights is at the limit.
+  config.force_resume = False  # Resume a workdir whose checkpoint has another config.
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"  # digits | mnist | fsdd | synthetic
@@ -59,3 +63,26 @@ def base_config() -> ml_collections.ConfigDict:
   config.adapt.schedule = "constant"  # constant | cosine | linear (decay to 0 over adapt.steps)
   config.adapt.compare_backprop_memory = True
   return config
+
+
+def small_model(config, name: str) -> None:
+  """The model of the three last-mile configs: conv 16, conv 32, then 64 units (dense or GRU)."""
+  config.model.name = name
+  config.model.kwargs.features = (16, 32)
+  config.model.kwargs.hidden = 64
+
+
+def fixed_point_sign_spsa(config, *, epsilon: float, learning_rate: float, batch_size: int = 32):
+  """The paper's last-mile setting: sign-m-SPSA with K=4 directions on int16 weights and 8-bit
+  activations (w16a8), stochastic rounding, plain SGD for 400 steps; epsilon and the learning rate
+  in quantization steps of the 16-bit grid (one step = max|w| / 32767 per output channel)."""
+  config.adapt.method = "sign_spsa"
+  config.adapt.precision = "w16a8"
+  config.adapt.weight_storage = "integer"
+  config.adapt.rounding = "stochastic"
+  config.adapt.num_directions = 4
+  config.adapt.epsilon = float(epsilon)
+  config.adapt.steps = 400
+  config.adapt.batch_size = batch_size
+  config.adapt.optimizer = "sgd"
+  config.adapt.optimizer_kwargs.learning_rate = float(learning_rate)

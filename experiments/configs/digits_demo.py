@@ -37,27 +37,18 @@ def get_config():
   config.data.shift = "rotate"
   config.data.rotate_degrees = 30.0
   config.data.shots = 10
-  config.model.name = "small_cnn"
-  config.model.kwargs.features = (16, 32)
-  config.model.kwargs.hidden = 64
+  common.small_model(config, "small_cnn")
   config.pretrain.steps = 600
   config.pretrain.batch_size = 64
   config.log_every = 50
+  config.eval_every = 100
   config.checkpoint_every = 200
   # Fixed-point sign-m-SPSA at w16a8: integer weights, epsilon and the learning rate in
   # quantization steps of the 16-bit grid (one step = max|w| / 32767 per output channel).
-  config.adapt.method = "sign_spsa"
-  config.adapt.precision = "w16a8"
-  config.adapt.weight_storage = "integer"
-  config.adapt.rounding = "stochastic"
-  config.adapt.num_directions = 4
-  config.adapt.epsilon = 128.0
+  common.fixed_point_sign_spsa(config, epsilon=128.0, learning_rate=1024.0, batch_size=32)
   config.adapt.distribution = "rademacher"
   config.adapt.steps = 800
   config.adapt.schedule = "cosine"
-  config.adapt.batch_size = 32
-  config.adapt.optimizer = "sgd"
-  config.adapt.optimizer_kwargs.learning_rate = 1024.0
   # The reference run of `python -m experiments.demo`: these fields replace those of `adapt`.
   config.reference = ml_collections.ConfigDict()
   config.reference.method = "backprop"

@@ -41,23 +41,13 @@ def get_config():
   config.data.shots = 5
   config.data.num_samples = 8000
   config.data.num_mels = 40
-  config.model.name = "crnn"
-  config.model.kwargs.features = (16, 32)
-  config.model.kwargs.hidden = 64
+  common.small_model(config, "crnn")
   config.pretrain.steps = 1500
   config.pretrain.batch_size = 32
   config.log_every = 100
+  config.eval_every = 100
   config.checkpoint_every = 500
   # Fixed-point sign-m-SPSA at w16a8 (int16 kernels, also inside the GRU), epsilon and learning
   # rate in 16-bit grid steps, as in mnist_shift.py.
-  config.adapt.method = "sign_spsa"
-  config.adapt.precision = "w16a8"
-  config.adapt.weight_storage = "integer"
-  config.adapt.rounding = "stochastic"
-  config.adapt.num_directions = 4
-  config.adapt.epsilon = 64.0
-  config.adapt.steps = 400
-  config.adapt.batch_size = 25
-  config.adapt.optimizer = "sgd"
-  config.adapt.optimizer_kwargs.learning_rate = 256.0
+  common.fixed_point_sign_spsa(config, epsilon=64.0, learning_rate=256.0, batch_size=25)
   return config

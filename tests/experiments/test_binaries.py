@@ -1,124 +1,26 @@
-"""The binaries end to end on tiny data: every config, resumption, and one-line errors."""
+"""The binaries end to end on tiny data: every config, resuming bitwise after a kill (pretraining
+with Adam and batch statistics, fixed-point adaptation), corrupt checkpoints, divergence."""
 
-import gzip
-import os
+import json
 import pathlib
-import subprocess
-import sys
-import wave
+import shutil
 
-import jax
 import numpy as np
 import pytest
-from absl import logging
 
-from experiments import train
+from experiments import checkpoints as ckpt
+from experiments import cli, train
 from experiments.configs import digits_demo, fsdd_speaker, mnist_shift
+from tests.experiments.conftest import adapt_config, digits_config, tiny
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-logging.set_verbosity(logging.WARNING)
-
-
-def _write_mnist(folder: pathlib.Path, num: int = 60) -> None:
-  """A tiny MNIST in the IDX format: random 28x28 images, balanced labels."""
-  folder.mkdir(parents=True)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (num, 28, 28), dtype=np.uint8)
-  labels = (np.arange(num) % 10).astype(np.uint8)
-  header = lambda magic, dims: (
-    magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
-  )
-  with gzip.open(folder / "t10k-images-idx3-ubyte.gz", "wb") as file:
-    file.write(header(2051, images.shape) + images.tobytes())
-  with gzip.open(folder / "t10k-labels-idx1-ubyte.gz", "wb") as file:
-    file.write(header(2049, labels.shape) + labels.tobytes())
-
-
-def _write_fsdd(folder: pathlib.Path, takes: int = 2) -> None:
-  """A tiny FSDD: 6 speakers x 10 digits x `takes` WAV files of 0.1 s of noise."""
-  folder.mkdir(parents=True)
-  rng = np.random.default_rng(0)
-  for speaker in ("george", "jackson", "lucas", "nicolas", "theo", "yweweler"):
-    for digit in range(10):
-      for take in range(takes):
-        samples = (rng.standard_normal(800) * 3000).astype("<i2")
-        with wave.open(str(folder / f"{digit}_{speaker}_{take}.wav"), "wb") as file:
-          file.setnchannels(1)
-          file.setsampwidth(2)
-          file.setframerate(8000)
-          file.writeframes(samples.tobytes())
-
-
-def _tiny(config):
-  """Two steps of everything, on tiny models."""
-  config.pretrain.steps = 2
-  config.pretrain.batch_size = 8
-  config.adapt.steps = 2
-  config.adapt.batch_size = 8
-  config.adapt.num_directions = 2
-  config.log_every = 1
-  config.checkpoint_every = 1
-  config.eval_batch_size = 64
-  config.model.kwargs.features = (4,)
-  config.model.kwargs.hidden = 8
-  return config
-
-
-def _config_value(name):
-  try:
-    return getattr(jax.config, name)
-  except AttributeError:
-    return jax.config.read(name)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module: the runs here compile the same steps again
-  and again (each run builds fresh jitted functions), and XLA:CPU compiles take seconds."""
-  names = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-    "jax_disable_most_optimizations",
-  )
-  before = {name: _config_value(name) for name in names}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  # Tiny models run in microseconds either way; XLA's optimizations only cost compile time here.
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
-  _write_mnist(root / "mnist")
-  _write_fsdd(root / "fsdd" / "recordings")
-  return root
-
-
-def _digits_config():
-  config = _tiny(digits_demo.get_config())
-  config.data.limit = 200
-  config.data.shots = 2
-  return config
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("pretrained")
-  train.train_and_evaluate(_digits_config(), str(workdir))
-  return workdir
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.mark.parametrize(
   "module", [digits_demo, mnist_shift, fsdd_speaker], ids=lambda m: m.__name__
 )
 def test_config_runs_two_steps(module, data_dir, tmp_path):
-  config = _tiny(module.get_config())
+  config = tiny(module.get_config())
   config.data.shots = 1
   config.adapt.num_directions = 1
   # The backprop memory reference is one more compile; the digits run checks it.
@@ -147,117 +49,113 @@ def test_config_runs_two_steps(module, data_dir, tmp_path):
   assert list((tmp_path / "adapt" / "tensorboard").iterdir())
 
 
-def _final_params(workdir):
-  directory = pathlib.Path(workdir) / "checkpoints"
-  raw, _ = train._restore_raw(directory, train._latest_step(directory))
-  return raw["params"]
+def _final_state(workdir):
+  store = ckpt.Checkpoints(pathlib.Path(workdir) / "checkpoints")
+  return store.restore(store.steps()[0])[0]
 
 
-def test_interrupted_adaptation_resumes_bitwise(pretrained, tmp_path):
-  # Fixed-point sign-m-SPSA with stochastic rounding: the perturbation key and the rounding key
-  # (both in the optimizer state) have to come back from the checkpoint.
-  config = _digits_config()
-  config.mode = "adapt"
-  config.adapt.pretrained = str(pretrained)
-  assert config.adapt.weight_storage == "integer" and config.adapt.rounding == "stochastic"
-  config.adapt.steps = 5
+def _assert_bitwise_equal(a, b):
+  a, b = ckpt._flat(a), ckpt._flat(b)
+  assert sorted(a) == sorted(b)
+  for path in a:
+    assert a[path].dtype == b[path].dtype, path
+    np.testing.assert_array_equal(np.asarray(a[path]), np.asarray(b[path]), err_msg=path)
+
+
+def _resume_config(mode, pretrained):
+  if mode == "adapt":
+    # Fixed-point sign-m-SPSA with stochastic rounding: the perturbation key and the rounding key
+    # (both in the optimizer state) have to come back from the checkpoint.
+    config = adapt_config(pretrained)
+    assert config.adapt.weight_storage == "integer" and config.adapt.rounding == "stochastic"
+    config.adapt.steps = 5
+  else:
+    # Adam (two moments and a count in the optimizer state) on a model with batch statistics.
+    config = digits_config()
+    assert config.pretrain.optimizer == "adam"
+    config.model.name = "crnn"
+    config.pretrain.steps = 5
   config.checkpoint_every = 2
-  config.adapt.compare_backprop_memory = False
+  return config
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "adapt"])
+def test_interrupted_run_resumes_bitwise(mode, pretrained, tmp_path):
+  config = _resume_config(mode, pretrained)
   train.train_and_evaluate(config, str(tmp_path / "straight"))
   interrupted = config.copy_and_resolve_references()
   interrupted.stop_after = 3  # Killed after step 3; the last checkpoint is step 2.
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
-  assert train._latest_step(tmp_path / "resumed" / "checkpoints") == 2
+  assert ckpt.Checkpoints(tmp_path / "resumed" / "checkpoints").steps()[0] == 2
   summary = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert summary["steps"] == 5
-  straight, resumed = _final_params(tmp_path / "straight"), _final_params(tmp_path / "resumed")
-  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
-    assert a.dtype == b.dtype
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  steps = [
-    int(line.split('"step": ')[1].split(",")[0])
-    for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
-  ]
-  assert steps == [1, 2, 3, 4, 5]
+  straight, resumed = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
+  if mode == "pretrain":
+    assert "batch_stats" in straight["model_state"]
+    assert any(".mu." in key for key in straight["opt_state"])  # Adam's first moment, by path.
+  _assert_bitwise_equal(straight, resumed)
+  records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").open()]
+  assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5]
 
 
-def _snapshot(folder: pathlib.Path) -> dict:
-  return {
-    str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
-    for p in sorted(folder.rglob("*"))
-  }
+def test_rerun_of_a_finished_workdir_says_complete(adapted, pretrained, capsys):
+  before = (adapted / "summary.json").read_text()
+  summary = train.train_and_evaluate(adapt_config(pretrained), str(adapted))
+  assert "already complete" in capsys.readouterr().err
+  assert (adapted / "summary.json").read_text() == before
+  assert summary == json.loads(before)
 
 
-def _run_main(args, workdir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("FGJAX_DATA_DIR", None)
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.main", f"--workdir={workdir}", *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(adapted, pretrained, tmp_path):
+  workdir = tmp_path / "adapted"
+  shutil.copytree(adapted, workdir)
+  final = _final_state(workdir)
+  # A same-size byte flip inside the stored bytes of a weight of the latest step (2): Orbax reads
+  # it fine, only the checksum can tell.
+  tree, _ = ckpt.Checkpoints(workdir / "checkpoints").restore(2)
+  leaves = ckpt._flat(tree["params"]).values()
+  needle = max((np.asarray(x) for x in leaves), key=np.size).tobytes()[:64]
+  for data_file in (workdir / "checkpoints" / "2" / "state").rglob("d/*"):
+    data = bytearray(data_file.read_bytes())
+    where = data.find(needle)
+    if where >= 0:
+      data[where + 5] ^= 0xFF
+      data_file.write_bytes(bytes(data))
+      break
+  else:
+    pytest.fail("the weight's bytes are not stored verbatim (compressed?)")
+  with pytest.raises(ckpt.CorruptCheckpoint, match="checksum"):
+    ckpt.Checkpoints(workdir / "checkpoints").restore(2)
+  warnings = []
+  step, _, _ = ckpt.Checkpoints(workdir / "checkpoints").latest_good(warnings.append)
+  assert (
+    step == 1 and "corrupt" in warnings[0] and "falling back to checkpoint step 1" in warnings[1]
   )
+  summary = train.train_and_evaluate(adapt_config(pretrained), str(workdir))
+  assert summary["steps"] == 2
+  # Step 2 recomputed from step 1 is the step 2 that was lost.
+  _assert_bitwise_equal(final, _final_state(workdir))
 
 
-DIGITS = "--config=experiments/configs/digits_demo.py"
-TINY = ["--config.pretrain.steps=1", "--config.data.limit=200", "--config.data.shots=2"]
-
-
-@pytest.mark.parametrize(
-  "case, args",
-  [
-    ("bad flag", [DIGITS, "--config.no_such_field=1"]),
-    ("bad flag value", [DIGITS, "--config.pretrain.steps=many"]),
-    ("missing config", ["--config=experiments/configs/no_such_config.py"]),
-    ("unknown model", [DIGITS, *TINY, "--config.model.name=resnet9000"]),
-    (
-      "unknown preset",
-      [
-        DIGITS,
-        *TINY,
-        "--config.mode=adapt",
-        "--config.adapt.precision=w3a3",
-        "--config.adapt.pretrained=PRETRAINED",
-      ],
-    ),
-    (
-      "unknown method",
-      [
-        DIGITS,
-        *TINY,
-        "--config.mode=adapt",
-        "--config.adapt.method=adam",
-        "--config.adapt.pretrained=PRETRAINED",
-      ],
-    ),
-    (
-      "missing data folder",
-      ["--config=experiments/configs/mnist_shift.py", "--config.data.folder=/no/such/folder"],
-    ),
-    (
-      "checkpoint of another model",
-      [
-        DIGITS,
-        *TINY,
-        "--config.mode=adapt",
-        "--config.adapt.pretrained=PRETRAINED",
-        "--config.model.kwargs.hidden=16",
-      ],
-    ),
-  ],
-)
-def test_errors_are_one_line_and_write_nothing(case, args, pretrained, tmp_path):
-  workdir = tmp_path / "workdir"
-  workdir.mkdir()
-  (workdir / "keep.txt").write_text("precious")
-  before = _snapshot(workdir)
-  args = [a.replace("PRETRAINED", str(pretrained)) for a in args]
-  result = _run_main(args, workdir)
-  assert result.returncode != 0, result.stdout
-  lines = [line for line in result.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1, f"{case}: {result.stderr}"
-  assert lines[0].startswith("error:"), lines[0]
-  assert _snapshot(workdir) == before
+def test_diverging_run_exits_nonzero_and_saves_nothing_nonfinite(tmp_path, capsys):
+  config = digits_config()
+  config.pretrain.steps = 4
+  config.pretrain.optimizer = "sgd"
+  config.pretrain.optimizer_kwargs.learning_rate = 1e12
+  workdir = tmp_path / "diverged"
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run_or_exit(config, str(workdir))
+  assert exit_info.value.code == cli.EXIT_DIVERGED
+  error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+  assert len(error) == 1 and "non-finite" in error[0], error
+  store = ckpt.Checkpoints(workdir / "checkpoints")
+  for step in store.steps():
+    tree, _ = store.restore(step)  # Raises CorruptCheckpoint on a NaN or an infinity.
+    assert not ckpt.nonfinite_leaves(tree)
+  assert not (workdir / "summary.json").exists()
+  # Adapting from it is refused only if it saved something non-finite; with `skip` the run ends.
+  config.nonfinite = "skip"
+  summary = train.train_and_evaluate(config, str(tmp_path / "skipped"))
+  assert summary["skipped_updates"] >= 1
+  assert not ckpt.nonfinite_leaves(_final_state(tmp_path / "skipped"))
