@@ -39,7 +39,8 @@ class Plan:
   optimizer: Any
   step_kwargs: dict
   train_data: Any
-  resume: tuple[int, dict] | None  # (step, state tree) of the workdir's latest good checkpoint.
+  # (step, state tree, newer corrupt steps) of the workdir's latest good checkpoint.
+  resume: tuple[int, dict, list[int]] | None
   info: dict
   complete: dict | None = None  # The summary of a finished run in this workdir.
   notes: list = dataclasses.field(default_factory=list)  # Lines said before the run starts.
@@ -217,7 +218,7 @@ def _resume(config, workdir: pathlib.Path, state, notes) -> tuple[tuple | None, 
     store.close()
   if found is None:
     return None, None
-  step, tree, record = found
+  step, tree, record, corrupt = found
   where = f"--workdir: checkpoint step {step} in {str(store.directory)!r}"
   if "config" not in record:
     raise ConfigError(f"{where} was written by an older fgjax (no config); remove it to rerun.")
@@ -248,7 +249,9 @@ def _resume(config, workdir: pathlib.Path, state, notes) -> tuple[tuple | None, 
       complete = json.loads(summary_path.read_text())
     except (OSError, ValueError):
       complete = None  # Summarized again below.
-  return (step, tree), complete
+  if corrupt:
+    complete = None  # The final step is lost: recompute it.
+  return (step, tree, corrupt), complete
 
 
 def _finished_summary(config, workdir: pathlib.Path) -> dict | None:

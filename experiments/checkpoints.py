@@ -18,6 +18,7 @@ import hashlib
 import json
 import pathlib
 import re
+import time
 from typing import Any
 
 import jax
@@ -227,9 +228,10 @@ class Checkpoints:
       raise CorruptCheckpoint(f"non-finite values in {bad[0]}")
     return tree, record
 
-  def latest_good(self, warn) -> tuple[int, dict, dict] | None:
-    """The newest step that restores and passes its checks, as (step, tree, record); `warn`
-    receives one line per step skipped. None when there is no step at all."""
+  def latest_good(self, warn) -> tuple[int, dict, dict, list[int]] | None:
+    """The newest step that restores and passes its checks, as (step, tree, record, the newer
+    corrupt steps skipped); `warn` receives one line per step skipped. None when there is no step
+    at all."""
     steps = self.steps()
     problems = []
     for step in steps:
@@ -239,15 +241,26 @@ class Checkpoints:
         problems.append(f"step {step}: {error}")
         warn(f"warning: checkpoint step {step} in {str(self.directory)!r} is corrupt ({error}).")
         continue
-      if problems:
+      skipped = [s for s in steps if s > step]
+      if skipped:
         warn(f"warning: falling back to checkpoint step {step}.")
-      return step, tree, record
+      return step, tree, record, skipped
     if problems:
       raise ConfigError(
         f"{str(self.directory)!r}: no usable checkpoint ({'; '.join(problems)}); "
         "remove the folder to start over."
       )
     return None
+
+  def set_aside(self, steps: list[int], folder: pathlib.Path) -> None:
+    """Moves corrupt steps out of the way (Orbax would not save a step number again) into
+    `folder`, for inspection."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      source = self.directory / str(step)
+      if source.exists():
+        source.rename(folder / f"{step}.{int(time.time())}")
+    self._manager = None  # Re-read the steps.
 
   def wait(self) -> None:
     if self._manager is not None:

@@ -164,9 +164,13 @@ def run(plan: Plan, progress: reporting.Progress | None = None) -> dict:
 
   state = plan.state
   if plan.resume is not None:
-    resume_step, tree = plan.resume
+    resume_step, tree, corrupt = plan.resume
     state = ckpt.from_savable(tree, plan.state)
     progress.close()
+    if corrupt:
+      aside = workdir / "corrupt_checkpoints"
+      store.set_aside(corrupt, aside)
+      print(f"Moved the corrupt steps {corrupt} to {str(aside)!r}.", file=sys.stderr)
     print(f"Resuming from the checkpoint of step {resume_step}.", file=sys.stderr)
   start = int(state.step)
   mask = plan.info.get("mask")

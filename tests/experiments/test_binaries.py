@@ -5,7 +5,9 @@ import json
 import pathlib
 import shutil
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from experiments import checkpoints as ckpt
@@ -111,29 +113,28 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(adapted, pretr
   workdir = tmp_path / "adapted"
   shutil.copytree(adapted, workdir)
   final = _final_state(workdir)
-  # A same-size byte flip inside the stored bytes of a weight of the latest step (2): Orbax reads
-  # it fine, only the checksum can tell.
-  tree, _ = ckpt.Checkpoints(workdir / "checkpoints").restore(2)
-  leaves = ckpt._flat(tree["params"]).values()
-  needle = max((np.asarray(x) for x in leaves), key=np.size).tobytes()[:64]
-  for data_file in (workdir / "checkpoints" / "2" / "state").rglob("d/*"):
-    data = bytearray(data_file.read_bytes())
-    where = data.find(needle)
-    if where >= 0:
-      data[where + 5] ^= 0xFF
-      data_file.write_bytes(bytes(data))
-      break
-  else:
-    pytest.fail("the weight's bytes are not stored verbatim (compressed?)")
+  # Step 2 rewritten with one weight changed by one grid step but its original record: Orbax
+  # reads it fine (as after a same-size byte flip in the array data), only the checksum can tell.
+  store = ckpt.Checkpoints(workdir / "checkpoints")
+  tree, record = store.restore(2)
+  store.close()
+  tree = jax.tree.map(np.array, tree)
+  weight = max(ckpt._flat(tree["params"]).values(), key=np.size)
+  weight.reshape(-1)[0] += 1
+  shutil.rmtree(workdir / "checkpoints" / "2")
+  options = ocp.CheckpointManagerOptions(create=True)
+  with ocp.CheckpointManager(workdir / "checkpoints", options=options) as manager:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(record))
+    manager.save(2, args=args)
   with pytest.raises(ckpt.CorruptCheckpoint, match="checksum"):
     ckpt.Checkpoints(workdir / "checkpoints").restore(2)
   warnings = []
-  step, _, _ = ckpt.Checkpoints(workdir / "checkpoints").latest_good(warnings.append)
-  assert (
-    step == 1 and "corrupt" in warnings[0] and "falling back to checkpoint step 1" in warnings[1]
-  )
+  step, _, _, corrupt = ckpt.Checkpoints(workdir / "checkpoints").latest_good(warnings.append)
+  assert step == 1 and corrupt == [2] and "checksum" in warnings[0]
+  assert "falling back to checkpoint step 1" in warnings[1]
   summary = train.train_and_evaluate(adapt_config(pretrained), str(workdir))
   assert summary["steps"] == 2
+  assert len(list((workdir / "corrupt_checkpoints").iterdir())) == 1  # Kept for inspection.
   # Step 2 recomputed from step 1 is the step 2 that was lost.
   _assert_bitwise_equal(final, _final_state(workdir))
 
