@@ -1,6 +1,7 @@
 """The binaries end to end on tiny data: every config, resuming bitwise after a kill (pretraining
 with Adam and batch statistics, fixed-point adaptation), corrupt checkpoints, divergence."""
 
+import io
 import json
 import pathlib
 import shutil
@@ -11,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import checkpoints as ckpt
-from experiments import cli, train
+from experiments import cli, reporting, train
 from experiments.configs import digits_demo, fsdd_speaker, mnist_shift
 from tests.experiments.conftest import adapt_config, digits_config, tiny
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")
 )
 def test_config_runs_two_steps(module, data_dir, tmp_path):
   config = tiny(module.get_config())
+  config.eval_every = 1
   config.data.shots = 1
   config.adapt.num_directions = 1
   # The backprop memory reference is one more compile; the digits run checks it.
@@ -46,9 +48,17 @@ def test_config_runs_two_steps(module, data_dir, tmp_path):
   assert summary["memory_bytes"]["total"] > 0
   if config.adapt.compare_backprop_memory:
     assert summary["backprop_memory_bytes"]["total"] > 0
-  for name in ("summary.json", "summary.md", "metrics.jsonl", "config.json"):
+  for name in ("summary.json", "summary.md", "metrics.jsonl", "config.json", "curves.png"):
     assert (tmp_path / "adapt" / name).is_file()
   assert list((tmp_path / "adapt" / "tensorboard").iterdir())
+  # Eval accuracy curves, source and target, at step 0, every eval_every steps and at the end.
+  records = [json.loads(line) for line in (tmp_path / "adapt" / "metrics.jsonl").open()]
+  evals = [
+    r["step"] for r in records if "eval/target_accuracy" in r and "eval/source_accuracy" in r
+  ]
+  assert evals == [0, 1, 2]
+  assert summary["adapted_accuracy"] == records[-1]["eval/target_accuracy"]
+  assert all("saturated_fraction" in r for r in records if "loss" in r)  # Integer weights.
 
 
 def _final_state(workdir):
@@ -160,3 +170,22 @@ def test_diverging_run_exits_nonzero_and_saves_nothing_nonfinite(tmp_path, capsy
   summary = train.train_and_evaluate(config, str(tmp_path / "skipped"))
   assert summary["skipped_updates"] >= 1
   assert not ckpt.nonfinite_leaves(_final_state(tmp_path / "skipped"))
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_progress_line_redraws_cleanly():
+  stream = _Terminal()
+  progress = reporting.Progress("adapt", stream)
+  progress.phase("compiling the training step, which takes a while")
+  progress.start_steps(total=10, start=0)
+  progress.update(1, 2.5)
+  progress.close()
+  frames = stream.getvalue().split("\r")[1:]
+  assert frames[0].startswith("adapt: compiling") and "loss 2.5000" in frames[1]
+  # The shorter step line covers every character of the longer phase line.
+  assert len(frames[1].rstrip("\n")) >= len(frames[0])
+  assert stream.getvalue().endswith("\n")
