@@ -38,12 +38,15 @@ def test_config_runs_two_steps(module, data_dir, tmp_path):
     config.data.num_mels = 16
   else:
     config.data.limit = 200
+    config.adapt.batch_size = 16  # More than the 10 adaptation examples: capped, and said so.
   summary = train.train_and_evaluate(config, str(tmp_path / "pre"))
   assert summary["steps"] == 2 and 0.0 <= summary["source_accuracy"] <= 1.0
   config.mode = "adapt"
   config.adapt.pretrained = str(tmp_path / "pre")
   summary = train.train_and_evaluate(config, str(tmp_path / "adapt"))
   assert summary["steps"] == 2
+  assert summary["batch_size"] == min(config.adapt.batch_size, summary["train_examples"])
+  assert summary["batch_size_requested"] == config.adapt.batch_size
   assert summary["total_passes"]["forward"] == 2 * 2 * 1  # central SPSA: 2K per step
   assert summary["memory_bytes"]["total"] > 0
   if config.adapt.compare_backprop_memory:
