@@ -13,21 +13,35 @@ import fgjax.lut as lut_lib
 import fgjax.testing
 
 
+def random_variables(net, x, seed):
+  """A random network with every stage active: nonzero output layers, varied clipping scales.
+
+  Built from the parameter shapes (`jax.eval_shape`) with numpy draws: nothing to compile.
+  """
+  shapes = jax.eval_shape(net.init, jax.random.key(0), x)
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, shape):
+    name = jax.tree_util.keystr(path)
+    if "alpha" in name:
+      value = rng.uniform(0.3, 1.0, shape.shape)
+    elif "w1" in name:
+      value = 1.5 * rng.normal(size=shape.shape)
+    elif "b1" in name:
+      value = rng.uniform(-1.0, 1.0, shape.shape)
+    else:
+      fan_in = shape.shape[-2] if len(shape.shape) == 3 else 1
+      value = rng.normal(size=shape.shape) * (0.3 if "3" in name else 1.0) / np.sqrt(fan_in)
+    return jnp.asarray(value, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
 @pytest.fixture(scope="module")
 def small():
   net = lut_lib.TinyLUTNet(upscale=2, channels=4, hidden=8)
   x = jnp.asarray(np.random.default_rng(0).integers(-128, 128, (2, 8, 8)), jnp.int32)
-  variables = net.init(jax.random.key(0), x)
-  # Random nonzero output layers so every stage matters, and varied clipping scales.
-  variables = jax.tree_util.tree_map_with_path(
-    lambda p, v: (
-      v + 0.3 * jax.random.normal(jax.random.key(len(str(p))), v.shape)
-      if "w3" in str(p) or "alpha" in str(p)
-      else v
-    ),
-    variables,
-  )
-  return net, variables, x
+  return net, random_variables(net, x, seed=1), x
 
 
 def test_split_recombine_exact():
@@ -41,25 +55,48 @@ def test_split_recombine_exact():
 def test_tables_reproduce_network_exactly(small):
   net, variables, x = small
   lut = lut_lib.convert(variables, net)
-  expected = np.asarray(net.apply(variables, x))
-  np.testing.assert_array_equal(np.asarray(lut_lib.lut_apply(lut, x)), expected)
+  expected = np.asarray(jax.jit(net.apply)(variables, x))
+  np.testing.assert_array_equal(np.asarray(jax.jit(lut_lib.lut_apply)(lut, x)), expected)
   # The ordinary per-pixel float network computes the same integers (up to float ties).
-  per_pixel = np.asarray(net.apply(variables, x, mode="per_pixel"))
+  per_pixel = np.asarray(jax.jit(lambda v, x: net.apply(v, x, mode="per_pixel"))(variables, x))
   assert np.mean(per_pixel == expected) > 0.99
 
 
 def test_entries_within_discretization_bound(small):
+  """Every entry of every table is its MLP's value rounded: |entry − f(v)| ≤ 1/2 where in range."""
   net, variables, _ = small
   lut = lut_lib.convert(variables, net)
   params = lut_lib.branch_params(variables)
+  checked = 0
   for branch in (lut_lib.HIGH, lut_lib.LOW):
-    grid = jnp.broadcast_to(
-      jnp.arange(branch.lo, branch.hi + 1, dtype=jnp.float32), (9, branch.size)
+    tables = lut.tables[branch.name]
+    grid = jnp.arange(branch.lo, branch.hi + 1, dtype=jnp.float32)
+    raw = lut_lib._network.bank_mlp(
+      params[branch.name]["depth"], jnp.broadcast_to(grid, (9, branch.size)), branch
     )
-    raw = np.asarray(lut_lib._network.bank_mlp(params[branch.name]["depth"], grid, branch))
-    table = np.asarray(lut.tables[branch.name]["depth"]).astype(np.float64)
-    inside = np.abs(raw) < 127
-    assert np.all(np.abs(table - raw)[inside] <= 0.5 + 1e-4)
+    pairs = [(np.asarray(tables["depth"]).reshape(-1), np.asarray(raw).reshape(-1))]
+    for stage, index in (("point", 0), ("up", 1)):
+      first, rows = np.asarray(lut.segments[branch.name][index]).T
+      # Channel c's rows hold its MLP at round(α_c v) for v in [lo, hi]: `first` and up.
+      values = [first[c] + np.arange(rows[c]) for c in range(len(rows))]
+      width = int(rows.max())
+      padded = np.stack([np.pad(v, (0, width - len(v)), mode="edge") for v in values])
+      raw = np.asarray(
+        lut_lib._network.bank_mlp(
+          params[branch.name][stage], jnp.asarray(padded, jnp.float32), branch
+        )
+      )
+      raw = np.concatenate([raw[c, : rows[c]] for c in range(len(rows))])
+      pairs.append((np.asarray(tables[stage]).reshape(-1), raw.reshape(-1)))
+    for table, raw in pairs:
+      assert table.shape == raw.shape
+      inside = np.abs(raw) < 127
+      assert inside.mean() > 0.5  # the bound is tested on most entries
+      np.testing.assert_array_less(np.abs(table.astype(np.float64) - raw)[inside], 0.5 + 1e-4)
+      # Out of range, the entry saturates: clipped to int8 with the sign of f(v).
+      np.testing.assert_array_equal(table[~inside], np.clip(np.round(raw[~inside]), -128, 127))
+      checked += table.size
+  assert checked == lut_lib.table_bytes(lut, include_requant=False)
 
 
 def test_table_bytes_formula_matches_arrays(small):
@@ -136,7 +173,7 @@ def test_authors_format_loader(tmp_path):
     np.save(tmp_path / name, rng.integers(-5, 6, (n, 16, 1, 1)).astype(np.int8))
   lut = lut_lib.load_authors_tables(str(tmp_path), clips=clips)
   assert lut_lib.table_bytes(lut, include_requant=False) == 16 * sum(shapes.values())
-  out = lut_lib.lut_apply(lut, jnp.zeros((6, 6), jnp.int32))
+  out = jax.jit(lut_lib.lut_apply)(lut, jnp.zeros((6, 6), jnp.int32))
   assert out.shape == (24, 24) and out.dtype == jnp.int32
 
 
