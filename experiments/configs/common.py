@@ -75,7 +75,7 @@ def small_model(config, name: str) -> None:
 def fixed_point_sign_spsa(config, *, epsilon: float, learning_rate: float, batch_size: int = 32):
   """The paper's last-mile setting: sign-m-SPSA with K=4 directions on int16 weights and 8-bit
   activations (w16a8), stochastic rounding, plain SGD for 400 steps; epsilon and the learning rate
-  in quantization steps of the 16-bit grid (one step = max|w| / 32767 per output channel)."""
+  in weight units (a 16-bit grid step, max|w| / 32767 per output channel, is ~1e-5 here)."""
   config.adapt.method = "sign_spsa"
   config.adapt.precision = "w16a8"
   config.adapt.weight_storage = "integer"

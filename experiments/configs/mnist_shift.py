@@ -44,6 +44,7 @@ def get_config():
   config.log_every = 100
   config.eval_every = 100
   config.checkpoint_every = 500
-  # Fixed-point sign-m-SPSA at w16a8, epsilon and learning rate in 16-bit grid steps.
-  common.fixed_point_sign_spsa(config, epsilon=64.0, learning_rate=256.0, batch_size=32)
+  # Fixed-point sign-m-SPSA at w16a8; epsilon and learning rate in weight units (since e8bfc75):
+  # the former 64 and 256 steps of the 16-bit grid at its typical step here (~1e-5).
+  common.fixed_point_sign_spsa(config, epsilon=6e-4, learning_rate=2.5e-3, batch_size=32)
   return config
