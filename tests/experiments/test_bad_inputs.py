@@ -313,12 +313,13 @@ def test_bad_input_is_one_line_and_changes_nothing(case, tmp_path, data_dir, cap
 def test_resume_with_another_method_lists_the_differences(adapted, pretrained, capsys):
   config = adapt_config(pretrained)
   config.adapt.method = "spsa"
-  config.adapt.epsilon = 64.0
+  saved_epsilon = config.adapt.epsilon
+  config.adapt.epsilon = 2 * saved_epsilon
   with pytest.raises(SystemExit):
     cli.run_or_exit(config, str(adapted))
   message = _error_lines(capsys.readouterr().err)[0]
   assert "adapt.method: 'sign_spsa' -> 'spsa'" in message
-  assert "adapt.epsilon: 128.0 -> 64.0" in message
+  assert f"adapt.epsilon: {saved_epsilon!r} -> {2 * saved_epsilon!r}" in message
   assert "force_resume" in message
 
 
