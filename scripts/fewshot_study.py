@@ -31,6 +31,7 @@ import platform
 import sys
 import time
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,12 +84,19 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--output_dir", default="/tmp/fewshot")
   parser.add_argument("--data_dir", default=None, help="folder with the zips (default: env)")
+  parser.add_argument(
+    "--pretrained_dir", default=None, help="cache of pretrained backbones (default output_dir)"
+  )
+  parser.add_argument(
+    "--combine", default=None, help="comma-separated output dirs: write --doc from their tables"
+  )
   parser.add_argument("--doc", default=None, help="also write this Markdown page")
   parser.add_argument("--backbones", default="resnet12,resnet18,vit_tiny")
   parser.add_argument("--settings", default="5w1s,5w5s,lake20w1s")
   parser.add_argument("--rows", default="all", help="comma-separated row numbers, or 'all'")
   parser.add_argument("--held_out", default="Latin,Tagalog", help="episode alphabets")
   parser.add_argument("--seeds", type=int, default=3, help="pretraining seeds")
+  parser.add_argument("--first_seed", type=int, default=0, help="seeds first_seed, ...")
   parser.add_argument("--episodes", type=int, default=20, help="episodes per setting and seed")
   parser.add_argument("--queries", type=int, default=15, help="queries per class (5-way)")
   parser.add_argument("--pretrain_steps", type=int, default=1500)
@@ -141,6 +149,21 @@ def pretrain(backbone: str, chars, classes, seed: int, args):
   }
 
 
+def cached_pretrain(backbone: str, chars, classes, seed: int, args):
+  """`pretrain`, or its result saved by an earlier run with the same pretraining arguments."""
+  key = f"{backbone}_seed{seed}_steps{args.pretrain_steps}_lr{args.pretrain_lr}_b{args.batch_size}"
+  folder = pathlib.Path(args.pretrained_dir or pathlib.Path(args.output_dir) / "pretrained")
+  path = folder / f"{key}_{args.held_out.replace(',', '-')}_{args.image_size}.msgpack"
+  if path.exists():
+    restored = flax.serialization.msgpack_restore(path.read_bytes())
+    return jax.tree.map(jnp.asarray, restored["variables"]), restored["info"]
+  variables, info = pretrain(backbone, chars, classes, seed, args)
+  folder.mkdir(parents=True, exist_ok=True)
+  state = {"variables": jax.device_get(variables), "info": info}
+  path.write_bytes(flax.serialization.msgpack_serialize(state))
+  return variables, info
+
+
 def episodes_for(setting: str, chars, classes, runs, seed: int, args):
   if setting.startswith("lake"):
     return [fewshot.episode_from_run(run) for run in runs]
@@ -169,9 +192,9 @@ def run(args) -> list[dict]:
   records = []
   for backbone in args.backbones.split(","):
     pretrained = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
       start = time.time()
-      variables, info = pretrain(backbone, chars, pretrain_classes, seed, args)
+      variables, info = cached_pretrain(backbone, chars, pretrain_classes, seed, args)
       pretrained.append(variables)
       print(
         f"{backbone} seed {seed}: pretrained on {len(pretrain_classes)} classes in "
@@ -181,9 +204,9 @@ def run(args) -> list[dict]:
         flush=True,
       )
     for setting in args.settings.split(","):
+      seeds = range(args.first_seed, args.first_seed + args.seeds)
       per_seed = [
-        episodes_for(setting, chars, episode_classes, runs, 1000 + seed, args)
-        for seed in range(args.seeds)
+        episodes_for(setting, chars, episode_classes, runs, 1000 + s, args) for s in seeds
       ]
       ways = per_seed[0][0].num_ways
       for name, method, precision, trainable, rate_key in rows:
@@ -205,8 +228,8 @@ def run(args) -> list[dict]:
         learner = fewshot.EpisodeLearner(
           make_model, pretrained[0], config, ways, example_shape=per_seed[0][0].support_x.shape[1:]
         )
-        for seed, episodes in enumerate(per_seed):
-          learner.rebind(pretrained[seed])
+        for seed, variables, episodes in zip(seeds, pretrained, per_seed, strict=True):
+          learner.rebind(variables)
           for index, episode in enumerate(episodes):
             result = learner(episode, seed=seed * 10_000 + index)
             episode_writer.writerow(
@@ -304,8 +327,26 @@ def markdown_table(summary, args) -> str:
   return "\n".join(lines) + "\n"
 
 
+def combine(folders: list[str], doc: pathlib.Path) -> None:
+  """Writes `doc` from the `table.md` and `meta.json` of several runs (e.g. one per backbone)."""
+  sections = []
+  for folder in folders:
+    folder = pathlib.Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    sections.append(
+      f"Command: `{meta['command']}`  \n"
+      f"Machine: {meta['machine']}; wall time {meta['seconds'] / 60:.0f} min on a shared machine "
+      "(not a benchmark).\n" + (folder / "table.md").read_text()
+    )
+  header = doc.read_text().split("<!-- table -->")[0] if doc.exists() else "# Few-shot\n\n"
+  doc.write_text(header + "<!-- table -->\n" + "\n".join(sections))
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.combine:
+    combine(args.combine.split(","), pathlib.Path(args.doc or "docs/results/fewshot.md"))
+    return
   start = time.time()
   summary = run(args)
   elapsed = time.time() - start
@@ -327,19 +368,12 @@ def main(argv=None):
   print(table)
   print(f"{elapsed:.0f}s", file=sys.stderr)
   if args.doc:
-    write_doc(pathlib.Path(args.doc), table, meta, args)
+    write_doc(pathlib.Path(args.doc), args)
 
 
-def write_doc(path: pathlib.Path, table: str, meta: dict, args) -> None:
+def write_doc(path: pathlib.Path, args) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
-  header = path.read_text().split("<!-- table -->")[0] if path.exists() else "# Few-shot\n\n"
-  path.write_text(
-    header
-    + "<!-- table -->\n"
-    + f"Command: `{meta['command']}`  \n"
-    + f"Machine: {meta['machine']}; wall time {meta['seconds'] / 60:.0f} min (shared machine).\n"
-    + table
-  )
+  combine([args.output_dir], path)
 
 
 if __name__ == "__main__":

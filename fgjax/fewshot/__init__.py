@@ -17,6 +17,7 @@ from fgjax.fewshot._finetune import (
 )
 from fgjax.fewshot._protonet import (
   embed,
+  mean_prototype_distance,
   protonet_logits,
   prototype_head,
   prototypes,
@@ -31,6 +32,7 @@ __all__ = [
   "embed",
   "episode_from_run",
   "mean_confidence_interval",
+  "mean_prototype_distance",
   "protonet_logits",
   "prototype_head",
   "prototypes",

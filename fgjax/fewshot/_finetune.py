@@ -32,7 +32,7 @@ import fgjax
 from fgjax import quant as fq
 from fgjax import training
 from fgjax.fewshot._episodes import Episode
-from fgjax.fewshot._protonet import embed, prototype_head, prototypes
+from fgjax.fewshot._protonet import embed, mean_prototype_distance, prototype_head, prototypes
 
 PyTree = Any
 METHODS = ("none", "backprop", "jvp", "spsa", "sign_spsa")
@@ -57,6 +57,10 @@ class FinetuneConfig:
     distribution: "normal" or "rademacher" directions.
     rounding: integer rounding of the updates ("nearest", "stochastic", "error_feedback").
     shift: support images are shifted by up to this many pixels at every step (0: none).
+    logit_gap: the head's temperature τ is set per episode so that the mean logit gap between
+      two prototypes, `mean ||c_k - c_l||² / τ`, is `logit_gap` (0: τ = 1, the plain ProtoNet).
+      Zero-shot predictions do not depend on it; without it the support loss of a well-separated
+      episode is ~0 and fine-tuning has no gradient to follow.
   """
 
   method: str = "backprop"
@@ -69,6 +73,7 @@ class FinetuneConfig:
   distribution: str = "normal"
   rounding: str = "stochastic"
   shift: int = 2
+  logit_gap: float = 4.0
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -189,7 +194,11 @@ class EpisodeLearner:
   def _variables(self, episode: Episode) -> tuple[PyTree, PyTree]:
     """(params, frozen) of the episode model: backbone + prototype head, at the precision."""
     features = self._embed(self.float_variables, jnp.asarray(episode.support_x))
-    head = prototype_head(prototypes(features, jnp.asarray(episode.support_y), self.num_ways))
+    centers = prototypes(features, jnp.asarray(episode.support_y), self.num_ways)
+    temperature = 1.0
+    if self.config.logit_gap > 0:
+      temperature = jnp.maximum(mean_prototype_distance(centers), 1e-6) / self.config.logit_gap
+    head = prototype_head(centers, temperature)
     variables = dict(self.float_variables)
     variables["params"] = {**variables["params"], "head": head}
     if self.config.integer:

@@ -51,21 +51,36 @@ def protonet_logits(embeddings: jax.Array, centers: jax.Array) -> jax.Array:
   return -squared_distances(embeddings, centers)
 
 
-def prototype_head(centers: jax.Array) -> dict[str, jax.Array]:
-  """The ProtoNet classifier as `Dense` parameters: `kernel = 2 Cᵀ`, `bias = -||c_k||²`.
+def prototype_head(
+  centers: jax.Array, temperature: float | jax.Array = 1.0
+) -> dict[str, jax.Array]:
+  """The ProtoNet classifier as `Dense` parameters: `kernel = 2 Cᵀ / τ`, `bias = -||c_k||² / τ`.
 
-  Its logits equal `protonet_logits` plus `||f||²`, the same for every class, so the softmax and
-  the predictions are those of the ProtoNet.
+  Its logits equal `protonet_logits / τ` plus `||f||² / τ`, the same for every class, so the
+  predictions are those of the ProtoNet; τ (the temperature) only sets how sharp the softmax is,
+  which matters when the head is fine-tuned: with τ = 1 and well-separated classes the support
+  loss is ~0 and so is its gradient.
 
   Args:
     centers: (num_classes, dim) prototypes.
+    temperature: τ > 0, dividing the logits.
 
   Returns:
     `{"kernel": (dim, num_classes), "bias": (num_classes,)}`, float32: a `head` for the models of
     `fgjax.models` with `num_classes` outputs.
   """
   centers = centers.astype(jnp.float32)
-  return {"kernel": 2.0 * centers.T, "bias": -jnp.sum(centers * centers, axis=-1)}
+  return {
+    "kernel": 2.0 * centers.T / temperature,
+    "bias": -jnp.sum(centers * centers, axis=-1) / temperature,
+  }
+
+
+def mean_prototype_distance(centers: jax.Array) -> jax.Array:
+  """The mean of `||c_k - c_l||²` over pairs k ≠ l (the scale of the ProtoNet's logit gaps)."""
+  num = centers.shape[0]
+  distances = squared_distances(centers, centers)
+  return jnp.sum(distances) / max(num * (num - 1), 1)
 
 
 def embed(model: nn.Module, variables, x: jax.Array, **kwargs) -> jax.Array:

@@ -142,6 +142,10 @@ def test_prototypes_and_logits_by_hand():
   linear = query @ head["kernel"] + head["bias"]
   # The linear form differs from the ProtoNet logits by ||f||² = 5, the same for every class.
   np.testing.assert_allclose(linear, [[-4.0 + 5.0, -0.5 + 5.0]], rtol=1e-6)
+  # A temperature divides every logit; ||(1,0)-(0.5,2.5)||² = 6.5 for the one pair, both ways.
+  head = fewshot.prototype_head(centers, temperature=2.0)
+  np.testing.assert_allclose(query @ head["kernel"] + head["bias"], [[0.5, 2.25]], rtol=1e-6)
+  assert float(fewshot.mean_prototype_distance(centers)) == pytest.approx(6.5)
 
 
 def _tiny_cnn(num_classes, quant):
