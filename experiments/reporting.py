@@ -123,6 +123,8 @@ def plot_curves(metrics_path: pathlib.Path, png_path: pathlib.Path, title: str) 
   train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), float)]
   if train:
     loss_ax.plot(*zip(*train, strict=True), color="tab:gray")
+    if all(loss > 0 for _, loss in train):
+      loss_ax.set_yscale("log")  # A diverging run spans many decades.
   loss_ax.set(xlabel="step", ylabel="training loss (batch)", title="loss")
   for key, label in (("source_accuracy", "source test"), ("target_accuracy", "target test")):
     points = [(r["step"], 100 * r[EVAL_PREFIX + key]) for r in records if EVAL_PREFIX + key in r]
