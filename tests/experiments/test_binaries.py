@@ -11,9 +11,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from experiments import build, cli, reporting, train
 from experiments import checkpoints as ckpt
-from experiments import cli, reporting, train
 from experiments.configs import digits_demo, fsdd_speaker, mnist_shift
+from fgjax import training
 from tests.experiments.conftest import adapt_config, digits_config, tiny
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -192,3 +193,18 @@ def test_progress_line_redraws_cleanly():
   # The shorter step line covers every character of the longer phase line.
   assert len(frames[1].rstrip("\n")) >= len(frames[0])
   assert stream.getvalue().endswith("\n")
+
+
+def test_nonfinite_guard_costs_no_step_memory(pretrained):
+  # The guard (finiteness and saturation reductions) must not change the memory the step is
+  # compared by: XLA's estimate of temp memory, guarded vs plain `training.make_train_step`.
+  plan = build.prepare(adapt_config(pretrained), str(pretrained.parent / "unused_workdir"))
+  batch = train._batch(plan.train_data, 8, 0, 0)
+  plain = training.make_train_step(plan.model, plan.optimizer, **plan.step_kwargs)
+  guarded = train.make_guarded_step(
+    plan.model, plan.optimizer, skip_nonfinite=False, mask=plan.info["mask"], **plan.step_kwargs
+  )
+  plain_memory = training.memory_stats(plain, plan.state, batch)
+  guarded_memory = training.memory_stats(guarded, plan.state, batch)
+  assert guarded_memory["temp"] <= plain_memory["temp"] * 1.01 + 1024
+  assert guarded_memory["total"] <= plain_memory["total"] * 1.01 + 1024
