@@ -1,11 +1,13 @@
 """What the binaries share: one-line errors for bad flags, bad configs and failed runs."""
 
 import sys
+import tempfile
+import traceback
 
 from absl import flags, logging
 
 # Exit statuses: 2 a bad flag, config, data file or checkpoint (nothing was written); 3 the run
-# diverged (NaN/Inf; no non-finite checkpoint was written); 1 an OS error while running.
+# diverged (NaN/Inf; no non-finite checkpoint was written); 1 an OS error while running, or a bug.
 EXIT_CONFIG, EXIT_DIVERGED, EXIT_OS = 2, 3, 1
 
 
@@ -38,7 +40,8 @@ def quiet_logging() -> None:
 def run_or_exit(config, workdir):
   """`train.train_and_evaluate`, with every expected failure as one line on stderr and a non-zero
   exit: a `ConfigError` (flags, data files, checkpoints; status 2), a diverged run (3), an OS
-  error such as a full disk while writing (1, naming the file)."""
+  error such as a full disk while writing (1, naming the file). Anything else is a bug: one line
+  naming the exception and a file holding its traceback (status 1)."""
   from experiments import train
 
   try:
@@ -53,6 +56,17 @@ def run_or_exit(config, workdir):
     where = f" {error.filename!r}:" if getattr(error, "filename", None) else ""
     print(
       f"error: while running in --workdir={workdir!r}:{where} {_one_line(error.strerror or error)}",
+      file=sys.stderr,
+    )
+    sys.exit(EXIT_OS)
+  except Exception as error:  # noqa: BLE001  (a bug: one line here, the traceback in a file)
+    with tempfile.NamedTemporaryFile(
+      "w", prefix="fgjax_traceback_", suffix=".txt", delete=False
+    ) as file:
+      traceback.print_exc(file=file)
+    print(
+      f"error: unexpected {type(error).__name__}: {_one_line(error)[:300]} "
+      f"(traceback in {file.name})",
       file=sys.stderr,
     )
     sys.exit(EXIT_OS)

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import checkpoints as ckpt
-from experiments import cli
+from experiments import cli, train
 from tests.experiments.conftest import adapt_config, digits_config, snapshot
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -360,3 +360,18 @@ def test_binary_exits_2_with_one_line(case, args, tmp_path):
   assert len(lines) == 1, f"{case}: {result.stderr}"
   assert lines[0].startswith("error:"), lines[0]
   assert snapshot(workdir) == before
+
+
+def test_an_unexpected_error_is_one_line_with_the_traceback_in_a_file(monkeypatch, capsys):
+  def broken(config, workdir):
+    raise RuntimeError("something nobody expected")
+
+  monkeypatch.setattr(train, "train_and_evaluate", broken)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run_or_exit(digits_config(), "/tmp/unused")
+  assert exit_info.value.code == cli.EXIT_OS
+  lines = _error_lines(capsys.readouterr().err)
+  assert len(lines) == 1 and "unexpected RuntimeError: something nobody expected" in lines[0]
+  saved = pathlib.Path(lines[0].split("traceback in ")[1].rstrip(")"))
+  assert "Traceback" in saved.read_text()
+  saved.unlink()
