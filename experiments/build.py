@@ -71,7 +71,9 @@ def _load_task(config) -> tasks.Task:
   except (OSError, EOFError, ValueError, wave.Error, zlib.error) as error:
     where = _file_in_traceback(error)
     message = " ".join(str(error).split()) or type(error).__name__
-    if where and where not in message:
+    if where is None:  # Not a file's fault: a value that doesn't fit the data.
+      raise ConfigError(f"data ({config.data.name}): {message}") from None
+    if where not in message:
       message = f"{where!r}: {message}"
     raise ConfigError(f"data ({config.data.name}): can't read {message}") from None
   for name, data in task._asdict().items():
@@ -113,7 +115,7 @@ def _to_precision(variables: dict, quant, like=None) -> dict:
   return dict(fq.quantize_params(variables, quant, like=like))
 
 
-def _pretrained(config, expected) -> tuple[dict, dict]:
+def _pretrained(config, expected, notes) -> tuple[dict, dict]:
   """The pretrained float variables (checked) and their checkpoint record."""
   directory = pathlib.Path(config.adapt.pretrained) / "checkpoints"
   where = f"--config.adapt.pretrained: {str(directory)!r}"
@@ -136,6 +138,12 @@ def _pretrained(config, expected) -> tuple[dict, dict]:
   saved_mode = record.get("config", {}).get("mode", "pretrain")
   if saved_mode != "pretrain":
     raise ConfigError(f"{where}: written by a {saved_mode!r} run, not by a pretraining run.")
+  planned = record.get("config", {}).get("pretrain", {}).get("steps")
+  if isinstance(planned, int) and steps[0] < planned:
+    notes.append(
+      f"warning: {where} holds step {steps[0]} of a pretraining planned for {planned} steps "
+      "(unfinished); adapting from it."
+    )
   pretrained = {"params": raw["params"], **raw.get("model_state", {})}
   ckpt.check_like(where, pretrained, expected)
   return jax.tree.map(jnp.asarray, pretrained), {"step": steps[0], **record}
@@ -157,7 +165,7 @@ def _pretrain_plan(config, task):
   return model, state, optimizer, {"update_batch_stats": True}, task.source_train, info
 
 
-def _adapt_plan(config, task):
+def _adapt_plan(config, task, notes):
   adapt = config.adapt
   quant = quant_config(adapt)
   try:
@@ -166,7 +174,7 @@ def _adapt_plan(config, task):
     expected = _init_variables(float_model, task.target_train.x, config.seed, shapes_only=True)
   except (TypeError, ValueError) as error:
     raise ConfigError(f"--config.model: {' '.join(str(error).split())}") from None
-  pretrained, record = _pretrained(config, expected)
+  pretrained, record = _pretrained(config, expected, notes)
   integer = quant is not None and quant.weight_storage == "integer"
   like = _init_variables(model, task.target_train.x, config.seed, shapes_only=True)
   variables = _to_precision(pretrained, quant, like if integer else None)
@@ -292,11 +300,11 @@ def prepare(config, workdir, phase=None) -> Plan:
     "building the model"
     + (" and reading the pretrained checkpoint" if config.mode == "adapt" else "")
   )
+  notes = []
   if config.mode == "pretrain":
     model, state, optimizer, step_kwargs, train_data, info = _pretrain_plan(config, task)
   else:
-    model, state, optimizer, step_kwargs, train_data, info = _adapt_plan(config, task)
-  notes = []
+    model, state, optimizer, step_kwargs, train_data, info = _adapt_plan(config, task, notes)
   phase("reading the workdir's checkpoints")
   resume, complete = _resume(config, workdir, state, notes)
   return Plan(

@@ -52,6 +52,12 @@ def run_or_exit(config, workdir):
   except train.TrainingDiverged as error:
     print(f"error: diverged: {_one_line(error)}", file=sys.stderr)
     sys.exit(EXIT_DIVERGED)
+  except KeyboardInterrupt:
+    print(
+      f"interrupted: the checkpoints in {workdir!r} are kept; the same command resumes.",
+      file=sys.stderr,
+    )
+    sys.exit(130)
   except OSError as error:
     where = f" {error.filename!r}:" if getattr(error, "filename", None) else ""
     print(

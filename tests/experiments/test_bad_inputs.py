@@ -255,6 +255,10 @@ CASES = {
   "MNIST not gzip": _mnist(lambda p: p.write_bytes(b"not a gzip file" * 10)),
   "FSDD text named .wav": _fsdd(lambda p: p.write_text("hello, I am text\n")),
   "FSDD zero-byte .wav": _fsdd(lambda p: p.write_bytes(b"")),
+  "FSDD unknown target speaker": _both(
+    _fsdd(lambda p: None), _set("data.target_speaker", "nobody")
+  ),
+  "too little data for a split": _set("data.limit", 5),
   # The pretrained checkpoint.
   "pretrained truncated file": _pretrained_copy(lambda s: _truncate(_largest_array_file(s))),
   "pretrained missing _METADATA": _pretrained_copy(lambda s: (s / "state" / "_METADATA").unlink()),

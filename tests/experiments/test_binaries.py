@@ -104,6 +104,11 @@ def test_interrupted_run_resumes_bitwise(mode, pretrained, tmp_path):
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
   assert ckpt.Checkpoints(tmp_path / "resumed" / "checkpoints").steps()[0] == 2
+  if mode == "pretrain":  # Adapting from the unfinished pretraining is allowed, with a warning.
+    adapt = adapt_config(tmp_path / "resumed")
+    adapt.model.name = config.model.name
+    plan = build.prepare(adapt, str(tmp_path / "adapt_unused"))
+    assert any("step 2 of a pretraining planned for 5 steps" in note for note in plan.notes)
   summary = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert summary["steps"] == 5
   straight, resumed = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
