@@ -369,7 +369,7 @@ def plot(results: dict, path) -> None:
 def markdown_table(results: dict, command: str) -> str:
   lines = [
     "| run | adapted acc | train loss | top Hessian eigenvalue | loss rise (mean / max) "
-    "| distance from start | path length | step / iteration | zero-update rate |",
+    "| distance from start | path length | net move / step | zero-update rate |",
     "|---|---|---|---|---|---|---|---|---|",
   ]
   pm = lambda r, k, f: f"{r[k]:{f}} ± {r[k + '_std']:{f}}"  # noqa: E731
