@@ -2,11 +2,28 @@
 
 Configs (`QuantConfig`, `preset`), forward-mode-safe quantized ops (`dot_general`,
 `conv_general_dilated`), layers (`Dense`, `DenseGeneral`, `Conv`; `quant=None` is plain Flax),
-fixed-point parameters (`quantize_params`, `dequantize_params`) and integer helpers
+exact integer products on an int8 x int8 -> int32 unit (`integer_dot_general`,
+`integer_conv_general_dilated`), fixed-point parameters (`quantize_params`,
+`dequantize_params`) and integer helpers
 (`saturating_add`, `round_nearest`, `round_stochastic`). Paper: "Stepping Forward on the Last
 Mile" (NeurIPS 2024).
 """
 
+from fgjax.quant._accumulate import (
+  ACCUMULATOR_BITS,
+  ExactSum,
+  integer_conv_general_dilated,
+  integer_dot_general,
+)
+from fgjax.quant._aqt import (
+  AqtConvGeneralDilated,
+  AqtDotGeneral,
+  AqtEinsum,
+  aqt_fixed_point,
+  aqt_merge,
+  straight_through_conv_general_dilated,
+  straight_through_dot_general,
+)
 from fgjax.quant._config import PRESET_NAMES, QuantConfig, preset
 from fgjax.quant._fixed_point import (
   FixedPointVariables,
@@ -43,6 +60,17 @@ from fgjax.quant._layers import (
 from fgjax.quant._ops import conv_general_dilated, dot_general
 
 __all__ = [
+  "AqtConvGeneralDilated",
+  "AqtDotGeneral",
+  "AqtEinsum",
+  "aqt_fixed_point",
+  "aqt_merge",
+  "straight_through_conv_general_dilated",
+  "straight_through_dot_general",
+  "ACCUMULATOR_BITS",
+  "ExactSum",
+  "integer_conv_general_dilated",
+  "integer_dot_general",
   "KERNEL_SCALE",
   "PRESET_NAMES",
   "QUANT_COLLECTION",

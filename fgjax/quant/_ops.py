@@ -13,17 +13,15 @@ value,
 which is linear in the tangents, so `jax.grad` follows by transposition.
 """
 
-import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fgjax.quant import _accumulate
 from fgjax.quant._config import QuantConfig
 from fgjax.quant._integer import max_int, round_nearest
-
-_INT32_MAX = 2**31 - 1
 
 
 def _quantize(x, bits, reduce_axes, integer_scale=None):
@@ -48,22 +46,6 @@ def _quantize(x, bits, reduce_axes, integer_scale=None):
   return q, scale, mask
 
 
-def _integer_compute_dtype(x_bits: int, w_bits: int, contraction_size: int):
-  """Operand dtype for the integer product, or None where int32 accumulation could overflow.
-
-  XLA CPU runs int8 x int8 and int16 x int16 dot/conv with int32 accumulation (int4 operands are
-  rejected, and conv needs equal operand dtypes). The worst-case accumulator magnitude is
-  `K * qmax_x * qmax_w`; int16 x int16 overflows int32 for K >= 3, and without x64 there is no
-  int64 accumulation, so those products fall back to float32 operands holding the integers
-  (exact while partial sums stay below 2^24, otherwise one float32 rounding per add).
-  """
-  if contraction_size * max_int(x_bits) * max_int(w_bits) > _INT32_MAX:
-    return None
-  if max(x_bits, w_bits) <= 8:
-    return jnp.int8
-  return jnp.int16
-
-
 def _sides(config: QuantConfig, kernel_is_integer: bool):
   w_bits = config.weight_bits
   if kernel_is_integer and w_bits is None:
@@ -71,8 +53,11 @@ def _sides(config: QuantConfig, kernel_is_integer: bool):
   return config.act_bits, w_bits
 
 
-def _make_op(config, contract, kernel_scale, x_reduce_axes, w_reduce_axes, out_scale_fn, size):
-  """Builds the custom_jvp op; `contract(a, b, preferred, precision)` is the dot or the conv."""
+def _make_op(
+  config, contract, integer_contract, kernel_scale, x_reduce_axes, w_reduce_axes, out_scale_fn
+):
+  """Builds the custom_jvp op; `contract(a, b, preferred, precision)` is the dot or the conv,
+  `integer_contract(a, b)` its exact integer form (`fgjax.quant._accumulate`)."""
   x_bits, w_bits = config.act_bits, config.weight_bits
 
   def pieces(lhs, rhs):
@@ -87,12 +72,9 @@ def _make_op(config, contract, kernel_scale, x_reduce_axes, w_reduce_axes, out_s
       w_int, w_scale, w_mask = _quantize(rhs, w_bits, w_reduce_axes, kernel_scale)
       w_hat = w_int * w_scale
     if x_int is not None and w_int is not None:
-      dtype = _integer_compute_dtype(x_bits, w_bits, size)
-      if dtype is not None:
-        acc = contract(x_int.astype(dtype), w_int.astype(dtype), jnp.int32)
-      else:
-        acc = contract(x_int, w_int, jnp.float32, lax.Precision.HIGHEST)
-      out = acc.astype(jnp.float32) * out_scale_fn(x_scale, w_scale)
+      # int8 x int8 -> int32 products, exact at every fan-in; one rounding to float32 at the end.
+      acc = integer_contract(x_int, w_int).to_float()
+      out = acc * out_scale_fn(x_scale, w_scale)
     else:
       out = contract(x_hat, w_hat, jnp.float32)
     return out.astype(lhs.dtype), (x_hat, w_hat, x_mask, w_mask)
@@ -139,13 +121,13 @@ def dot_general(config: QuantConfig, kernel_scale: jax.Array | None = None):
 
   The forward quantizes `lhs` with `config.act_bits` (per tensor, or per token = one scale per
   non-contracting index) and `rhs` with `config.weight_bits` (one scale per non-contracting index
-  of `rhs`, i.e. per output channel), multiplies the integers with int8 (<= 8 bits) or int16
-  operands and `preferred_element_type=int32`, and rescales:
+  of `rhs`, i.e. per output channel), multiplies the integers exactly on an int8 x int8 -> int32
+  unit (a 16-bit side is split into int8 planes; `fgjax.quant.integer_dot_general`), and rescales:
 
   .. math:: y = (s_x s_w) \\odot (q_x \\cdot q_w) .
 
-  Where the int32 accumulator could overflow (int16 x int16 already for 3 terms) the integers are
-  multiplied in float32 instead; see `_integer_compute_dtype`. The JVP is the straight-through
+  The integer sum is exact at every fan-in; only its conversion to float32 before the rescale
+  rounds (once, for sums beyond 2^24). The JVP is the straight-through
   rule of the module docstring, so `jax.jvp`, `jax.linearize` and `jax.grad` all work.
 
   Args:
@@ -184,7 +166,6 @@ def dot_general(config: QuantConfig, kernel_scale: jax.Array | None = None):
       x_reduce_axes = tuple(range(lhs.ndim))
     else:
       x_reduce_axes = lhs_contract
-    size = math.prod(lhs.shape[a] for a in lhs_contract)
     if kernel_scale is not None:
       kscale = jnp.asarray(kernel_scale, jnp.float32)
       kscale = jnp.broadcast_to(kscale, (1,) * (rhs.ndim - kscale.ndim) + kscale.shape)
@@ -213,7 +194,14 @@ def dot_general(config: QuantConfig, kernel_scale: jax.Array | None = None):
       ws = jnp.broadcast_to(w_scale, rhs_scale_shape)
       return lax.dot_general(xs, ws, dimension_numbers, precision=lax.Precision.HIGHEST)
 
-    op = _make_op(config, contract, kscale, x_reduce_axes, rhs_contract, out_scale, size)
+    def integer_contract(a, b):
+      return _accumulate.integer_dot_general(
+        a, b, dimension_numbers, lhs_bits=config.act_bits, rhs_bits=config.weight_bits
+      )
+
+    op = _make_op(
+      config, contract, integer_contract, kscale, x_reduce_axes, rhs_contract, out_scale
+    )
     out = op(lhs, rhs)
     return out if out_dtype is None else out.astype(out_dtype)
 
@@ -224,7 +212,7 @@ def conv_general_dilated(config: QuantConfig, kernel_scale: jax.Array | None = N
   """A quantized drop-in for `jax.lax.conv_general_dilated` (lhs: activations, rhs: kernel).
 
   Same numerics as `dot_general`: per-output-channel weight scales, per-tensor or per-example
-  (`act_granularity="per_token"`) activation scales, int8/int16 operands with int32 accumulation,
+  (`act_granularity="per_token"`) activation scales, exact int8 x int8 -> int32 products,
   rescaled per (example, output channel); the JVP is the straight-through rule.
 
   Args:
@@ -288,7 +276,6 @@ def conv_general_dilated(config: QuantConfig, kernel_scale: jax.Array | None = N
         raise NotImplementedError("per_token activation scales with batch_group_count > 1.")
       x_reduce_axes = tuple(a for a in range(lhs.ndim) if a != lhs_batch_axis)
     w_reduce_axes = tuple(a for a in range(rhs.ndim) if a != rhs_out_axis)
-    size = rhs.size // rhs.shape[rhs_out_axis]
     kscale = None
     if kernel_scale is not None:
       kscale = jnp.asarray(kernel_scale, jnp.float32)
@@ -307,7 +294,24 @@ def conv_general_dilated(config: QuantConfig, kernel_scale: jax.Array | None = N
       shape_w[out_feature_axis] = ws.shape[0]
       return xs.reshape(shape_x) * ws.reshape(shape_w)
 
-    op = _make_op(config, contract, kscale, x_reduce_axes, w_reduce_axes, out_scale, size)
+    def integer_contract(a, b):
+      return _accumulate.integer_conv_general_dilated(
+        a,
+        b,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        batch_group_count,
+        lhs_bits=config.act_bits,
+        rhs_bits=config.weight_bits,
+      )
+
+    op = _make_op(
+      config, contract, integer_contract, kscale, x_reduce_axes, w_reduce_axes, out_scale
+    )
     out = op(lhs, rhs)
     return out if out_dtype is None else out.astype(out_dtype)
 

@@ -76,8 +76,8 @@ def _epsilon(fixed, steps=3.0):
   return steps * max(float(jnp.max(s)) for s in fixed.scales.values())
 
 
-@pytest.mark.parametrize("name,dtype", [("w16a8", "int16"), ("w8a8", "int8")])
-def test_both_spsa_forward_calls_run_integer_matmuls(name, dtype):
+@pytest.mark.parametrize("name,planes", [("w16a8", 3), ("w8a8", 1)])
+def test_both_spsa_forward_calls_run_integer_matmuls(name, planes):
   fixed, _, loss = _fixed_point_loss(name)
   x, y = _digits()
   estimator = fgjax.estimators.spsa(
@@ -94,9 +94,10 @@ def test_both_spsa_forward_calls_run_integer_matmuls(name, dtype):
   # The matmuls of the network contract the activation's features; the others are the float
   # outer products of the activation and weight scales, which contract an axis of size 1.
   matmuls = [dtypes for _, dtypes, shape in found if shape[-1] > 1]
-  # Central SPSA: two forward calls per direction (the directions share one loop body), two layers.
-  assert len(matmuls) == 2 * 2
-  assert all(dtypes == (dtype, dtype, "int32") for dtypes in matmuls)
+  # Central SPSA: two forward calls per direction (the directions share one loop body), two layers,
+  # each an int8 x int8 -> int32 product per plane of the weight (16 bits: high, low, ones).
+  assert len(matmuls) == 2 * 2 * planes
+  assert all(dtypes == ("int8", "int8", "int32") for dtypes in matmuls)
 
 
 def _train(name, rounding, learning_rate, epsilon, steps, num_directions=4):
