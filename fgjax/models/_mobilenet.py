@@ -30,7 +30,7 @@ def _make_divisible(value: float, divisor: int = 8) -> int:
 
 
 class _ConvBN(nn.Module):
-  """Conv (no bias) -> BatchNorm -> optional ReLU6."""
+  """Conv (no bias) -> BatchNorm (optional) -> optional ReLU6 (or ReLU)."""
 
   features: int
   kernel_size: int = 3
@@ -38,6 +38,8 @@ class _ConvBN(nn.Module):
   groups: int = 1
   activation: bool = True
   quant: fq.QuantConfig | None = None
+  relu6: bool = True
+  normalize: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -52,8 +54,11 @@ class _ConvBN(nn.Module):
       quant=self.quant,
       name="conv",
     )(x)
-    x = batch_norm(train, "bn")(x)
-    return nn.relu6(x) if self.activation else x
+    if self.normalize:
+      x = batch_norm(train, "bn")(x)
+    if not self.activation:
+      return x
+    return nn.relu6(x) if self.relu6 else nn.relu(x)
 
 
 class _InvertedResidual(nn.Module):
@@ -63,17 +68,28 @@ class _InvertedResidual(nn.Module):
   strides: int
   expansion: int
   quant: fq.QuantConfig | None = None
+  quant_friendly: bool = False
+  depthwise_quant: fq.QuantConfig | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     in_features = x.shape[-1]
     hidden = in_features * self.expansion
+    relu6 = not self.quant_friendly
     y = x
     if self.expansion != 1:
-      y = _ConvBN(hidden, kernel_size=1, quant=self.quant, name="expand")(y, train)
-    y = _ConvBN(hidden, strides=self.strides, groups=hidden, quant=self.quant, name="depthwise")(
-      y, train
-    )
+      y = _ConvBN(hidden, kernel_size=1, quant=self.quant, relu6=relu6, name="expand")(y, train)
+    y = _ConvBN(
+      hidden,
+      strides=self.strides,
+      groups=hidden,
+      quant=self.depthwise_quant,
+      relu6=relu6,
+      # Quantization-friendly: no BatchNorm and no activation after the depthwise conv.
+      normalize=not self.quant_friendly,
+      activation=not self.quant_friendly,
+      name="depthwise",
+    )(y, train)
     y = _ConvBN(self.features, kernel_size=1, activation=False, quant=self.quant, name="project")(
       y, train
     )
@@ -99,25 +115,47 @@ class MobileNetV2(nn.Module):
   (statistics update); call with `train=False` for evaluation and for forward-gradient or SPSA
   adaptation, which then uses the frozen running statistics and needs no mutable collection.
 
+  Quantization-friendly variant (`quant_friendly=True`), after Sheng et al., "A Quantization-
+  Friendly Separable Convolution for MobileNets" (EMC2 2018; the approach of the LPIRC 2018 Track 1
+  winners, Alyamkin et al. 2019): ReLU instead of ReLU6 everywhere (the clip at 6 wastes int8
+  range on layers whose activations stay small and distorts the ones that do not), and the
+  depthwise conv has no BatchNorm and no activation (BatchNorm folded into a depthwise kernel
+  gives channels with tiny variance huge weights, which break per-tensor int8 weights). The
+  depthwise convs can also keep a higher precision (`depthwise_quant`): they hold about 2 % of
+  the parameters and MACs, so 16 bits there costs little. fgjax quantizes weights per channel and
+  keeps BatchNorm in float (no folding), which already removes the worst of the second problem;
+  the report (docs/efficiency.md) measures what is left.
+
   Attributes:
     width_multiplier: scales every channel count (the last conv is never narrower than 1280).
     num_classes: number of output logits.
     small_images: stride 1 in the stem and second stage (for 32x32 and smaller inputs).
     quant: quantization of every conv and matmul (`None`: float). BatchNorm stays in float.
+    quant_friendly: the quantization-friendly variant (above); same parameter names, minus the
+      depthwise BatchNorms.
+    depthwise_quant: quantization of the depthwise convs; default (`"same"`): `quant`.
   """
 
   width_multiplier: float = 1.0
   num_classes: int = 10
   small_images: bool = True
   quant: fq.QuantConfig | None = None
+  quant_friendly: bool = False
+  depthwise_quant: fq.QuantConfig | None | str = "same"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Logits for images `x` of shape (batch, height, width, channels)."""
     stem_features = _make_divisible(32 * self.width_multiplier)
     last_features = _make_divisible(1280 * max(1.0, self.width_multiplier))
+    relu6 = not self.quant_friendly
+    depthwise_quant = self.quant if self.depthwise_quant == "same" else self.depthwise_quant
     x = _ConvBN(
-      stem_features, strides=1 if self.small_images else 2, quant=self.quant, name="stem"
+      stem_features,
+      strides=1 if self.small_images else 2,
+      quant=self.quant,
+      relu6=relu6,
+      name="stem",
     )(x, train)
     index = 0
     for stage, (expansion, channels, repeats, stride) in enumerate(_INVERTED_RESIDUAL_SETTING):
@@ -130,9 +168,13 @@ class MobileNetV2(nn.Module):
           stride if repeat == 0 else 1,
           expansion,
           quant=self.quant,
+          quant_friendly=self.quant_friendly,
+          depthwise_quant=depthwise_quant,
           name=f"block_{index}",
         )(x, train)
         index += 1
-    x = _ConvBN(last_features, kernel_size=1, quant=self.quant, name=f"conv_{index}")(x, train)
+    x = _ConvBN(last_features, kernel_size=1, quant=self.quant, relu6=relu6, name=f"conv_{index}")(
+      x, train
+    )
     x = jnp.mean(x, axis=(1, 2))
     return fq.Dense(self.num_classes, quant=self.quant, name="head")(x)
