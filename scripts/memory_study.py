@@ -238,6 +238,31 @@ def _mib(nbytes) -> str:
   return f"{nbytes / MiB:.1f}"
 
 
+def ratio_table(rows: list[dict]) -> str:
+  """One line per model: backprop against jvp and SPSA, total and scratch, full fine-tuning."""
+  lines = [
+    "| model | params | precision | backprop total / scratch | jvp total / scratch "
+    "| SPSA total / scratch | BP / SPSA total | BP / SPSA scratch |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for name in SPECS:
+    for precision in PRECISIONS:
+      bp = _find(rows, name, "backprop", precision, "full")
+      ff = _find(rows, name, "spsa", precision, "full")
+      if not (bp and ff):
+        continue
+      jvp = _find(rows, name, "jvp", precision, "full")
+      cell = lambda r: f"{_mib(r['total_bytes'])} / {_mib(r['temp_bytes'])}" if r else "-"  # noqa: E731
+      storage = " (SPSA int)" if ff["weight_storage"] == "integer" else ""
+      lines.append(
+        f"| {SPECS[name].label}, batch {bp['batch']} | {bp['params']:,} | {precision}{storage} "
+        f"| {cell(bp)} | {cell(jvp)} | {cell(ff)} "
+        f"| {bp['total_bytes'] / ff['total_bytes']:.2f}x "
+        f"| {bp['temp_bytes'] / max(ff['temp_bytes'], 1):.2f}x |"
+      )
+  return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: list[dict], command: str) -> str:
   """Per model: every row with its buffers, and the ratios backprop / FF."""
   lines = [
@@ -311,13 +336,16 @@ def _panels(rows, title, groups, group_key, fixed, path):
       bp = _find(rows, name, "backprop", **{group_key: group}, **fixed)
       ff = _find(rows, name, "spsa", **{group_key: group}, **fixed)
       if bp and ff:
-        ratio = bp["total_bytes"] / ff["total_bytes"]
-        ax.text(gi, top * 1.02, f"BP/SPSA\n{ratio:.1f}x", ha="center", va="bottom", fontsize=7)
+        total = bp["total_bytes"] / ff["total_bytes"]
+        scratch = bp["temp_bytes"] / max(ff["temp_bytes"], 1)
+        ax.text(gi, top * 1.02, f"BP / SPSA\ntotal {total:.1f}x\nscratch {scratch:.1f}x",
+                ha="center", va="bottom", fontsize=7)  # fmt: skip
     ax.set_xticks(range(len(present)))
+    ax.set_xlim(-0.6, len(present) - 0.4)
     ax.set_xticklabels([SUBSET_LABELS.get(g, g) for g in present], fontsize=8)
     ax.set_ylabel("memory of one step (MiB)")
     ax.set_title(SPECS[name].label + f", batch {SPECS[name].input_shape[0]}", fontsize=9)
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.25)
   for ax in axes.ravel()[len(names) :]:
     ax.axis("off")
   from matplotlib.patches import Patch
@@ -375,7 +403,7 @@ def main(argv=None):
   else:
     rows = measure(specs, output, args.num_directions, args.grid)
   command = "python scripts/memory_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
-  table = markdown_table(rows, command.strip())
+  table = ratio_table(rows) + "\n" + markdown_table(rows, command.strip())
   (output / "table.md").write_text(table)
   plot(rows, output)
   print(table)
