@@ -98,6 +98,7 @@ def parse_args(argv=None):
   parser.add_argument("--seeds", type=int, default=3, help="pretraining seeds")
   parser.add_argument("--first_seed", type=int, default=0, help="seeds first_seed, ...")
   parser.add_argument("--episodes", type=int, default=20, help="episodes per setting and seed")
+  parser.add_argument("--lake_runs", type=int, default=20, help="Lake runs used (first n)")
   parser.add_argument("--queries", type=int, default=15, help="queries per class (5-way)")
   parser.add_argument("--pretrain_steps", type=int, default=1500)
   parser.add_argument("--pretrain_lr", type=float, default=2e-3)
@@ -166,7 +167,7 @@ def cached_pretrain(backbone: str, chars, classes, seed: int, args):
 
 def episodes_for(setting: str, chars, classes, runs, seed: int, args):
   if setting.startswith("lake"):
-    return [fewshot.episode_from_run(run) for run in runs]
+    return [fewshot.episode_from_run(run) for run in runs[: args.lake_runs]]
   ways, shots = SETTINGS[setting]
   sampler = fewshot.EpisodeSampler(
     chars.data, classes, num_ways=ways, num_shots=shots, num_queries=args.queries, seed=seed
@@ -272,6 +273,10 @@ def summarize(records, rows, args) -> list[dict]:
         accuracy = [r["accuracy"] for r in chosen]
         mean, ci = fewshot.mean_confidence_interval(accuracy)
         zero_mean, zero_ci = fewshot.mean_confidence_interval([r["zero_shot"] for r in chosen])
+        # Paired by episode: the change that fine-tuning made, with its own (tighter) interval.
+        delta, delta_ci = fewshot.mean_confidence_interval(
+          [r["accuracy"] - r["zero_shot"] for r in chosen]
+        )
         per_seed = [
           np.mean([r["accuracy"] for r in chosen if r["seed"] == s])
           for s in sorted({r["seed"] for r in chosen})
@@ -289,6 +294,8 @@ def summarize(records, rows, args) -> list[dict]:
             "seed_std": float(np.std(per_seed)),
             "zero_shot": zero_mean,
             "zero_shot_ci95": zero_ci,
+            "change": delta,
+            "change_ci95": delta_ci,
             "episodes": len(chosen),
             "seeds": len(per_seed),
           }
@@ -302,8 +309,9 @@ def markdown_table(summary, args) -> str:
   lines = []
   for backbone in args.backbones.split(","):
     lines.append(
-      f"\n**{backbone}** (accuracy %, mean ± 95 % CI over episodes x seeds; "
-      "[std of the per-seed means])\n"
+      f"\n**{backbone}** (query accuracy %: mean ± 95 % CI over episodes x seeds [std of the "
+      "per-seed means]; Δ: change from the row's zero-shot ProtoNet on the same episodes, ± 95 % "
+      "CI)\n"
     )
     lines.append("| row | " + " | ".join(labels.get(s, s) for s in settings) + " |")
     lines.append("|---|" + "---|" * len(settings))
@@ -318,28 +326,51 @@ def markdown_table(summary, args) -> str:
         ]
         if match:
           r = match[0]
-          cells.append(
-            f"{100 * r['accuracy']:.1f} ± {100 * r['ci95']:.1f} [{100 * r['seed_std']:.1f}]"
-          )
+          cell = f"{100 * r['accuracy']:.1f} ± {100 * r['ci95']:.1f} [{100 * r['seed_std']:.1f}]"
+          if r["method"] != "none":
+            cell += f" Δ {100 * r['change']:+.1f} ± {100 * r['change_ci95']:.1f}"
+          if r["precision"] != "float32":
+            cell += f" (zero-shot {100 * r['zero_shot']:.1f})"
+          cells.append(cell)
         else:
           cells.append("-")
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
-def combine(folders: list[str], doc: pathlib.Path) -> None:
-  """Writes `doc` from the `table.md` and `meta.json` of several runs (e.g. one per backbone)."""
-  sections = []
+def combine(folders: list[str], doc: pathlib.Path) -> str:
+  """Writes `doc` from the `episodes.csv` of several runs (e.g. one per backbone or per seed).
+
+  Episodes of the same backbone, setting and row are pooled across runs, so seeds run in
+  separate processes make one row. Returns the table.
+  """
+  records, commands, backbones, settings = [], [], [], []
   for folder in folders:
     folder = pathlib.Path(folder)
     meta = json.loads((folder / "meta.json").read_text())
-    sections.append(
-      f"Command: `{meta['command']}`  \n"
-      f"Machine: {meta['machine']}; wall time {meta['seconds'] / 60:.0f} min on a shared machine "
-      "(not a benchmark).\n" + (folder / "table.md").read_text()
+    commands.append(
+      f"- `{meta['command']}` ({meta['machine']}; {meta['seconds'] / 60:.0f} min wall on a shared "
+      "machine, not a benchmark)"
     )
+    with open(folder / "episodes.csv", newline="") as file:
+      for line in csv.DictReader(file):
+        record = {key: line[key] for key in ("backbone", "setting", "row")}
+        record["seed"] = int(line["seed"])
+        for key in ("zero_shot", "accuracy", "final_loss"):
+          record[key] = float(line[key])
+        records.append(record)
+        backbones += [record["backbone"]] if record["backbone"] not in backbones else []
+        settings += [record["setting"]] if record["setting"] not in settings else []
+  pooled = argparse.Namespace(backbones=",".join(backbones), settings=",".join(settings))
+  summary = summarize(records, ROWS, pooled)
+  table = markdown_table(summary, pooled)
   header = doc.read_text().split("<!-- table -->")[0] if doc.exists() else "# Few-shot\n\n"
-  doc.write_text(header + "<!-- table -->\n" + "\n".join(sections))
+  doc.write_text(header + "<!-- table -->\nCommands:\n\n" + "\n".join(commands) + "\n" + table)
+  with open(doc.with_suffix(".csv"), "w", newline="") as file:
+    writer = csv.DictWriter(file, fieldnames=list(summary[0]))
+    writer.writeheader()
+    writer.writerows(summary)
+  return table
 
 
 def main(argv=None):
