@@ -50,6 +50,10 @@ class CorruptCheckpoint(Exception):
   """A checkpoint step that can't be read, fails its checksum or holds non-finite values."""
 
 
+class NonFiniteState(ValueError):
+  """`Checkpoints.save` refused a state holding NaN or infinity."""
+
+
 def _path_key(path) -> str:
   """A tree path as a flat Orbax-safe key: `[0].mu['Conv_0']` -> `0.mu.Conv_0`."""
   return re.sub(r"[^A-Za-z0-9_]+", ".", jax.tree_util.keystr(path)).strip(".")
@@ -197,7 +201,7 @@ class Checkpoints:
     tree = jax.device_get(to_savable(state))
     bad = nonfinite_leaves(tree)
     if bad:
-      raise ValueError(f"refusing to save the non-finite state of step {step} ({bad[0]}).")
+      raise NonFiniteState(f"refused to save the non-finite state of step {step} ({bad[0]})")
     record = {
       "format": FORMAT_VERSION,
       "step": int(step),
@@ -270,3 +274,4 @@ class Checkpoints:
     if self._manager is not None:
       self._manager.wait_until_finished()
       self._manager.close()
+      self._manager = None

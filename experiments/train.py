@@ -256,13 +256,18 @@ def run(plan: Plan, progress: reporting.Progress | None = None) -> dict:
           extra = f" target acc {100 * last_eval['eval/target_accuracy']:.1f} %"
         progress.update(done, float(record["loss"]), extra)
       if done % int(config.checkpoint_every) == 0 or done == total_steps:
-        store.save(done, state, config)
+        try:
+          store.save(done, state, config)
+        except ckpt.NonFiniteState as error:  # E.g. an optimizer moment (the guard sees params).
+          progress.close()
+          raise TrainingDiverged(f"step {done}: {error}; the run is stopped.") from None
         last_saved = done
     progress.close()
     store.wait()
     seconds = time.time() - begin
   finally:
     writer.close()
+    store.wait()  # Saves in flight finish (they are finite) even when the run stops.
 
   if last_eval is None:  # Resumed at the final step, before the summary was written.
     last_eval = _eval_scalars(plan, state, eval_batch)

@@ -174,6 +174,17 @@ def test_diverging_run_exits_nonzero_and_saves_nothing_nonfinite(tmp_path, capsy
     tree, _ = store.restore(step)  # Raises CorruptCheckpoint on a NaN or an infinity.
     assert not ckpt.nonfinite_leaves(tree)
   assert not (workdir / "summary.json").exists()
+  # Whatever the guard misses (it watches the loss and the parameters), saving refuses.
+  nan_state = training.TrainState(
+    step=jax.numpy.int32(1),
+    params={"w": jax.numpy.array([np.nan])},
+    model_state={},
+    opt_state=(),
+    rng=jax.random.key(0),
+  )
+  with pytest.raises(ckpt.NonFiniteState):
+    ckpt.Checkpoints(tmp_path / "never", create=True).save(1, nan_state, config)
+  assert not (tmp_path / "never").exists() or not list((tmp_path / "never").iterdir())
   # Adapting from it is refused only if it saved something non-finite; with `skip` the run ends.
   config.nonfinite = "skip"
   summary = train.train_and_evaluate(config, str(tmp_path / "skipped"))
