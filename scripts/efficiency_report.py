@@ -58,46 +58,49 @@ def _xent(logits, y):
 
 def make_trainer(model, method, train_data, steps):
   """`trainer(seed) -> variables`: one compiled training run, reused for every seed."""
-  x, y = train_data
-  has_bn = "batch_stats" in jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1]))
+  num_train = len(train_data[1])
+  has_bn = "batch_stats" in jax.eval_shape(lambda: model.init(jax.random.key(0), train_data[0][:1]))
   if method == "backprop":
     opt = optax.sgd(0.05, momentum=0.9)
   else:
     estimator = fgjax.estimators.spsa(8, 1e-3)
     opt = optax.chain(fgjax.forward_gradient(estimator), optax.adam(2e-3))
 
-  def loss_fn(params, stats, idx):
+  def loss_fn(params, stats, batch):
+    x, y = batch
     if has_bn:
       logits, new = model.apply(
-        {"params": params, "batch_stats": stats}, x[idx], train=True, mutable=["batch_stats"]
+        {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
       )
-      return _xent(logits, y[idx]), new["batch_stats"]
-    return _xent(model.apply({"params": params}, x[idx]), y[idx]), stats
+      return _xent(logits, y), new["batch_stats"]
+    return _xent(model.apply({"params": params}, x), y), stats
 
-  def step(carry, idx):
+  def step(carry, batch):
     params, stats, state = carry
     if method == "backprop":
-      (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, idx)
+      (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, batch)
       updates, state = opt.update(grads, state, params)
     else:
       updates, state = opt.update(
-        params, state, params, value_fn=lambda p: loss_fn(p, stats, idx)[0]
+        params, state, params, value_fn=lambda p: loss_fn(p, stats, batch)[0]
       )
     return (optax.apply_updates(params, updates), stats, state), None
 
   @jax.jit
-  def run(key, batches):
+  def run(key, x, y, batches):
     variables = model.init(key, x[:1])
     params, stats = variables["params"], variables.get("batch_stats", {})
     state = opt.init(params)
     if method != "backprop":  # the perturbations' key, per seed
       state = (state[0]._replace(key=jax.random.fold_in(key, 1)), *state[1:])
-    (params, stats, _), _ = jax.lax.scan(step, (params, stats, state), batches)
+    (params, stats, _), _ = jax.lax.scan(step, (params, stats, state), (x[batches], y[batches]))
     return {"params": params, **({"batch_stats": stats} if has_bn else {})}
 
   def trainer(seed):
-    batches = np.stack([fgjax.training.batch_indices(len(y), BATCH, seed, t) for t in range(steps)])
-    return run(jax.random.key(seed), jnp.asarray(batches))
+    batches = np.stack(
+      [fgjax.training.batch_indices(num_train, BATCH, seed, t) for t in range(steps)]
+    )
+    return run(jax.random.key(seed), *train_data, jnp.asarray(batches))
 
   return trainer
 
@@ -107,11 +110,11 @@ def make_accuracy(model, test_data):
   x, y = test_data
 
   @jax.jit
-  def correct(variables):
+  def correct(variables, x, y):  # data as arguments: XLA would constant-fold a closed-over copy
     logits = jax.vmap(lambda xi: model.apply(variables, xi[None])[0])(x)
     return jnp.mean(jnp.argmax(logits, -1) == y)
 
-  return lambda variables: float(correct(variables))
+  return lambda variables: float(correct(variables, x, y))
 
 
 def step_fn(model, method, variables, batch):

@@ -82,6 +82,7 @@ def test_density_stays_within_the_soft_bound_and_returns_to_the_target(scheme):
   masks = history[-1][0]
   counts = _unit_counts(masks, scheme, (2, 2))
   assert all(a == max(1, round(density * n)) for a, n in counts.values())
+  assert _loss(history[-1][1]) < _loss(history[0][1]) - 1.0  # it trains while sparse
 
 
 def test_mutation_ratio_follows_its_schedule():
@@ -188,22 +189,6 @@ def test_sparse_spsa_is_unbiased_on_the_active_coordinates():
   )
   assert abs(ratio / expected - 1) < 0.15, (ratio, expected)
   assert ratio < 0.5
-
-
-def test_backprop_and_forward_gradient_reduce_the_loss_while_sparse():
-  for estimator, lr in ((None, 0.05), (fgjax.estimators.jvp(4), 0.01)):
-    opt = sparse.mest(
-      optax.sgd(lr),
-      density=0.3,
-      estimator=estimator,
-      mutation_interval=5,
-      mutation_ratio=0.1,
-      soft_bound_steps=2,
-    )
-    history = _run(opt, 25, estimator=estimator is not None)
-    first, last = history[0][1], history[-1][1]
-    assert _loss(last) < _loss(first) - 1.0
-    assert abs(float(sparse.density(history[-1][0])) - 0.3) < 0.02
 
 
 def test_forgetting_tracker_drops_only_unforgettable_examples():
