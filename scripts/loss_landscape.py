@@ -314,12 +314,11 @@ def run(args) -> dict:
 def plot(results: dict, path) -> None:
   """Three contour panels (PCA plane, its zoom on the start, a random plane) with the
   trajectories; writes a PNG."""
-  import matplotlib
+  # The object-oriented API without pyplot: no backend switch, safe inside notebooks.
+  from matplotlib.figure import Figure
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 3, figsize=(16, 4.9))
+  fig = Figure(figsize=(16, 4.9))
+  axes = fig.subplots(1, 3)
   explained = "{:.0%} + {:.0%}".format(*results["pca_explained"])
   titles = {
     "pca": f"PCA plane of all trajectories ({explained} of offsets)",
@@ -363,7 +362,6 @@ def plot(results: dict, path) -> None:
   )
   fig.tight_layout()
   fig.savefig(path, dpi=80)
-  plt.close(fig)
 
 
 def markdown_table(results: dict, command: str) -> str:

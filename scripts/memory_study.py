@@ -304,15 +304,14 @@ def markdown_table(rows: list[dict], command: str) -> str:
 def _panels(rows, title, groups, group_key, fixed, path):
   """Small multiples, one panel per model: groups on x, one bar per method, each bar stacked
   weights / state + batch / scratch; BP / SPSA total ratio over each group."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # The object-oriented API without pyplot: no backend switch, safe inside notebooks.
+  from matplotlib.figure import Figure
 
   names = [s for s in SPECS if any(r["model"] == s for r in rows)]
   cols = min(4, len(names))
   nrows = math.ceil(len(names) / cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.9 * nrows), squeeze=False)
+  fig = Figure(figsize=(4.6 * cols, 3.9 * nrows))
+  axes = fig.subplots(nrows, cols, squeeze=False)
   colors = {"backprop": "tab:red", "jvp": "tab:orange", "spsa": "tab:blue"}
   width = 0.26
   for ax, name in zip(axes.ravel(), names, strict=False):
@@ -359,7 +358,6 @@ def _panels(rows, title, groups, group_key, fixed, path):
   fig.suptitle(title, fontsize=11)
   fig.tight_layout(rect=(0, 0.05, 1, 0.96))
   fig.savefig(path, dpi=72)
-  plt.close(fig)
 
 
 def plot(rows: list[dict], output: pathlib.Path) -> None:

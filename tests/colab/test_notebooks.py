@@ -39,7 +39,6 @@ def test_committed_without_outputs_and_opens_with_an_install_cell(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_executes_top_to_bottom_at_small_size(path, monkeypatch, tmp_path):
   monkeypatch.setenv("FGJAX_NOTEBOOK_SMALL", "1")
-  monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   # At small size compilation is nearly all the cost: XLA's CPU backend without LLVM optimization
   # compiles about a quarter faster, and the tiny runs don't notice the slower code.
