@@ -1,6 +1,6 @@
 """Few-shot Omniglot with ProtoNets: zero-shot, backprop and forward-gradient fine-tuning.
 
-The few-shot study of Chen et al., "Stepping Forward on the Last Mile" (NeurIPS 2024, Sec. 4.2),
+The few-shot study of Chen et al., "Stepping Forward on the Last Mile" (NeurIPS 2024),
 on the Omniglot files in `$FGJAX_DATA_DIR/omniglot` (see its README): each backbone (ResNet-12,
 ResNet-18, ViT-tiny, at widths that run on 2 CPU cores) is pretrained by backprop as a classifier of
 the characters of the background alphabets minus the held-out ones (`--held_out`); episodes come

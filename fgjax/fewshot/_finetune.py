@@ -1,6 +1,6 @@
 """Per-episode fine-tuning from the ProtoNet: backprop, jvp, SPSA, sign-m-SPSA; float, fixed point.
 
-The few-shot protocol of "Stepping Forward on the Last Mile" (Chen et al., NeurIPS 2024, Sec. 4):
+The few-shot protocol of "Stepping Forward on the Last Mile" (Chen et al., NeurIPS 2024):
 a backbone pretrained on base classes meets an episode of new classes. Its zero-shot classifier is
 the ProtoNet (prototypes of the support embeddings); fine-tuning then adapts the backbone and/or
 the classifier on the support set alone and is scored on the episode's queries.
@@ -145,8 +145,9 @@ class EpisodeLearner:
   """Zero-shot ProtoNet accuracy and fine-tuned accuracy on an episode, for one setting.
 
   Args:
-    make_model: `make_model(num_classes, quant) -> flax Module` (e.g. a `functools.partial` of a
-      `fgjax.models` class); its classifier must be the top-level `head`.
+    make_model: `make_model(num_classes=..., quant=...) -> flax Module`, called with keywords
+      (e.g. a `functools.partial` of a `fgjax.models` class); its classifier must be the
+      top-level `head`.
     pretrained: the backbone's float variables (`params` and e.g. `batch_stats`), pretrained on
       base classes; its `head` is ignored (replaced by the episode's prototypes).
     config: the `FinetuneConfig`.
@@ -156,7 +157,7 @@ class EpisodeLearner:
   Example:
     >>> learner = EpisodeLearner(functools.partial(ResNet12, widths=(32, 64, 128, 256)),
     ...                          variables, FinetuneConfig("sign_spsa", "w16a8", steps=20), 5)
-    >>> learner(sampler[0], seed=0)   # {"zero_shot": 0.93, "accuracy": 0.96, "final_loss": ...}
+    >>> learner(sampler[0], seed=0)   # {"zero_shot": ..., "accuracy": ..., "final_loss": ...}
   """
 
   def __init__(
@@ -169,11 +170,11 @@ class EpisodeLearner:
   ):
     self.config, self.num_ways = config, num_ways
     quant_config = fq.preset(config.precision)
-    self.float_model = make_model(num_ways, None)
+    self.float_model = make_model(num_classes=num_ways, quant=None)
     self.model = (
-      make_model(num_ways, fq.integer_storage(quant_config))
+      make_model(num_classes=num_ways, quant=fq.integer_storage(quant_config))
       if config.integer
-      else make_model(num_ways, quant_config)
+      else make_model(num_classes=num_ways, quant=quant_config)
     )
     dummy = jnp.zeros((1, *example_shape), jnp.float32)
     self._fresh = dict(self.float_model.init(jax.random.key(0), dummy))
