@@ -8,9 +8,12 @@ integer entries (forward calls only; ε = 1 table step, stochastic rounding of t
 against fine-tuning the float network by backprop and against no adaptation. Also: the
 authors' published ×4 tables (`--authors_dir`), storage bytes, CPU latency, a crop figure.
 
-Usage (about 15 min on 2 shared cores):
-  python scripts/tinylut_study.py --out results/tinylut.json \
-    --authors_dir /path/to/TinyLUT/TinyLUT_LUT
+Usage (the runs behind docs/tinylut.md, in this order: ×2 super-resolution and the authors' ×4
+tables, then denoising and its adaptation; the figure takes the ×2 networks from the cache):
+  python scripts/tinylut_study.py --out results/tinylut_sr2.json --cache_dir results/cache \
+    --tasks sr2 --seeds 3 --steps 201 --figure "" --authors_dir /path/to/TinyLUT/TinyLUT_LUT
+  python scripts/tinylut_study.py --out results/tinylut.json --cache_dir results/cache \
+    --tasks denoise15 --seeds 3 --steps 201 --adapt_steps 150 --spsa_stages up
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import pathlib
 import time
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,15 +33,21 @@ import skimage.transform
 
 import fgjax
 import fgjax.lut as lut_lib
+from fgjax.lut._tables import STAGES
 
 TRAIN = ("camera", "coffee", "rocket", "brick", "gravel", "grass")
 ADAPT = ("chelsea", "immunohistochemistry")
-TEST = ("astronaut", "coins", "moon", "page")
+# Held out. Not `moon`: its centre crop is flat (nearest ×2 upsampling scores 61 dB there), so it
+# would dominate every mean.
+TEST = ("astronaut", "coins", "page", "motorcycle")
 TEST_CROP = 192
 
 
 def image(name: str) -> np.ndarray:
-  img = np.asarray(getattr(skimage.data, name)())
+  if name == "motorcycle":
+    img = np.asarray(skimage.data.stereo_motorcycle()[0])
+  else:
+    img = np.asarray(getattr(skimage.data, name)())
   return img[..., :3] if img.ndim == 3 else img
 
 
@@ -81,26 +91,67 @@ def mse(prediction, target):
   return jnp.mean((prediction.astype(jnp.float32) - target) ** 2)
 
 
-def train_float(task, seed, steps, batch, patch, lr=2e-3):
+_COMPILED = {}
+
+
+def compiled(key, make):
+  """One jitted function per key: the seeds of a task share their compilations."""
+  if key not in _COMPILED:
+    _COMPILED[key] = make()
+  return _COMPILED[key]
+
+
+def backprop_step(net, opt, key):
+  """A jitted Adam step on the MSE of `net`'s (tabulated) forward, shared under `key`."""
+
+  def make():
+    @jax.jit
+    def step(variables, state, x, y):
+      loss, grads = jax.value_and_grad(lambda v: mse(net.apply(v, x), y))(variables)
+      updates, state = opt.update(grads, state, variables)
+      return optax.apply_updates(variables, updates), state, loss
+
+    return step
+
+  return compiled(key, make)
+
+
+def cache_name(task, seed, steps, batch, patch):
+  return f"{task['name']}_seed{seed}_steps{steps}_b{batch}_p{patch}.msgpack"
+
+
+def cache_path(args, task, seed):
+  return pathlib.Path(args.cache_dir) / cache_name(task, seed, args.steps, args.batch, args.patch)
+
+
+def train_float(task, seed, steps, batch, patch, lr=2e-3, cache_dir=None):
+  """Backprop training of the network (its tabulated forward); cached in `cache_dir` if given."""
   net = lut_lib.TinyLUTNet(upscale=task["upscale"], channels=task["channels"], hidden=32)
   data = Patches(TRAIN, task)
   rng = np.random.default_rng(seed)
   x, _ = data.batch(rng, batch, patch)
-  variables = net.init(jax.random.key(seed), x)
+  init = compiled(("init", task["name"]), lambda: jax.jit(net.init))
+  variables = init(jax.random.key(seed), x)
+  cache = None
+  if cache_dir:
+    cache = pathlib.Path(cache_dir) / cache_name(task, seed, steps, batch, patch)
+    if cache.exists():
+      return net, flax.serialization.from_bytes(variables, cache.read_bytes())
   opt = optax.adam(optax.cosine_decay_schedule(lr, steps, 0.1))
   state = opt.init(variables)
-
-  @jax.jit
-  def step(variables, state, x, y):
-    loss, grads = jax.value_and_grad(lambda v: mse(net.apply(v, x), y))(variables)
-    updates, state = opt.update(grads, state, variables)
-    return optax.apply_updates(variables, updates), state, loss
-
+  step = backprop_step(net, opt, ("train", task["name"], steps, lr))
   for i in range(steps):
     x, y = data.batch(rng, batch, patch)
     variables, state, loss = step(variables, state, x, y)
     if i % 200 == 0 or i == steps - 1:
-      print(f"  {task['name']} seed {seed} step {i} mse {float(loss):.2f}", flush=True)
+      print(
+        f"  {task['name']} seed {seed} step {i} mse {float(loss):.2f} "
+        f"cpu {time.process_time():.0f}s",
+        flush=True,
+      )
+  if cache is not None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(flax.serialization.to_bytes(variables))
   return net, variables
 
 
@@ -139,11 +190,21 @@ def bicubic_baseline(task):
   return evaluate(predict, task)
 
 
-def spsa_adapt(lut, task, sigma, seed, steps, batch, patch, directions, lr):
-  """Sign-SPSA on the int8 table entries (ε = 1 entry, Rademacher, stochastic rounding)."""
+def spsa_adapt(lut, task, sigma, seed, steps, batch, patch, directions, lr, stages=STAGES):
+  """Sign-SPSA on the int8 entries of the `stages` tables (ε = 1 entry, Rademacher, stochastic
+  rounding of the update `lr · sign(ĝ)`), the other tables frozen; forward calls only.
+
+  Returns the adapted tables and the loss on a fixed batch of the new task every 25 steps.
+  """
   data = Patches(ADAPT, task)
   rng = np.random.default_rng(100 + seed)
-  scales = {path: 1.0 for path in fgjax.leaf_paths(lut.tables)}  # ε and lr in table units
+  x_val, y_val = data.batch(np.random.default_rng(999), 2 * batch, patch, sigma)
+
+  def merge(trainable):
+    return {b: dict(lut.tables[b], **trainable[b]) for b in lut.tables}
+
+  trainable = {b: {k: lut.tables[b][k] for k in stages} for b in lut.tables}
+  scales = {path: 1.0 for path in fgjax.leaf_paths(trainable)}  # ε and lr in table units
   est = fgjax.estimators.spsa(
     directions, epsilon=1.0, sign=True, distribution="rademacher", scales=scales
   )
@@ -154,23 +215,24 @@ def spsa_adapt(lut, task, sigma, seed, steps, batch, patch, directions, lr):
     seed=seed,
   )
 
-  def loss(tables, x, y):
-    return mse(lut_lib.lut_apply(lut.replace(tables=tables), x), y)
+  def loss(trainable, x, y):
+    return mse(lut_lib.lut_apply(lut.replace(tables=merge(trainable)), x), y)
 
   @jax.jit
-  def step(tables, state, x, y):
-    updates, state = opt.update(tables, state, tables, value_fn=lambda t: loss(t, x, y))
-    return fgjax.apply_integer_updates(tables, updates), state
+  def step(trainable, state, x, y):
+    updates, state = opt.update(trainable, state, trainable, value_fn=lambda t: loss(t, x, y))
+    return fgjax.apply_integer_updates(trainable, updates), state
 
-  tables = lut.tables
-  state = opt.init(tables)
+  val_loss = jax.jit(loss)  # the batch is an argument: as a constant, XLA would fold the gathers
+  state = opt.init(trainable)
   losses = []
   for i in range(steps):
+    if i % 25 == 0:
+      losses.append(round(float(val_loss(trainable, x_val, y_val)), 2))
     x, y = data.batch(rng, batch, patch, sigma)
-    if i % 100 == 0:
-      losses.append(float(loss(tables, x, y)))
-    tables, state = step(tables, state, x, y)
-  return lut.replace(tables=tables), losses
+    trainable, state = step(trainable, state, x, y)
+  losses.append(round(float(val_loss(trainable, x_val, y_val)), 2))
+  return lut.replace(tables=merge(trainable)), losses
 
 
 def backprop_adapt(net, variables, task, sigma, seed, steps, batch, patch, lr=5e-4):
@@ -178,20 +240,14 @@ def backprop_adapt(net, variables, task, sigma, seed, steps, batch, patch, lr=5e
   rng = np.random.default_rng(100 + seed)
   opt = optax.adam(lr)
   state = opt.init(variables)
-
-  @jax.jit
-  def step(variables, state, x, y):
-    grads = jax.grad(lambda v: mse(net.apply(v, x), y))(variables)
-    updates, state = opt.update(grads, state, variables)
-    return optax.apply_updates(variables, updates), state
-
+  step = backprop_step(net, opt, ("adapt", task["name"], lr))
   for _ in range(steps):
     x, y = data.batch(rng, batch, patch, sigma)
-    variables, state = step(variables, state, x, y)
+    variables, state, _ = step(variables, state, x, y)
   return variables
 
 
-def latency(fn, x, repeats=5):
+def latency(fn, x, repeats=3):
   fn(x).block_until_ready()
   times = []
   for _ in range(repeats):
@@ -205,11 +261,29 @@ def mean_std(values):
   return [float(np.mean(values)), float(np.std(values))]
 
 
+def psnr_ssim(rows):
+  return {"psnr": mean_std([r[0] for r in rows]), "ssim": mean_std([r[1] for r in rows])}
+
+
+def storage(lut, variables, upscale):
+  return {
+    "tables": lut_lib.table_bytes(lut, include_requant=False),
+    "tables_and_requant": lut_lib.table_bytes(lut),
+    "float_network": lut_lib.float_network_bytes(variables),
+    # A non-separable table on the same 3×3 window (9 pixels), full 8 bits or 4-bit sampled.
+    "naive_9d_8bit": lut_lib.naive_lut_bytes(9, upscale),
+    "naive_9d_4bit_sampled": lut_lib.naive_lut_bytes(9, upscale, sampling_bits=4),
+    # SR-LUT's 2×2 window (4-D, 4-bit sampled), for reference.
+    "srlut_4d_4bit_sampled": lut_lib.naive_lut_bytes(4, upscale, sampling_bits=4),
+  }
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="results/tinylut.json")
   parser.add_argument("--figure", default="docs/figures/tinylut_crops.png")
   parser.add_argument("--authors_dir", default=None, help="the authors' TinyLUT_LUT folder")
+  parser.add_argument("--cache_dir", default=None, help="keeps trained networks between runs")
   parser.add_argument("--tasks", default="sr2,denoise15,sr4")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=600)
@@ -219,6 +293,11 @@ def main():
   parser.add_argument("--adapt_steps", type=int, default=300)
   parser.add_argument("--spsa_directions", type=int, default=4)
   parser.add_argument("--spsa_lr", type=float, default=0.2)
+  parser.add_argument(
+    "--spsa_stages",
+    default="up",
+    help="the tables SPSA adapts (of depth,point,up), variants separated by ';'",
+  )
   args = parser.parse_args()
   tasks = {
     "sr2": {"name": "sr2", "upscale": 2, "channels": 8},
@@ -226,41 +305,42 @@ def main():
     "denoise15": {"name": "denoise15", "upscale": 1, "channels": 8, "sigma": 15.0},
   }
   results = {"config": vars(args), "tasks": {}}
-  example = {}
+  example, trained = {}, {}
+  lut_fn = jax.jit(lambda x, t: lut_lib.lut_apply(t, x))
   for name in args.tasks.split(","):
     task = tasks[name]
-    rows = {"float": [], "tables": [], "bytes": None}
+    rows = {"tables": []}
     for seed in range(args.seeds):
-      net, variables = train_float(task, seed, args.steps, args.batch, args.patch)
-      lut = lut_lib.convert(variables, net)
-      float_fn = jax.jit(lambda x, v=variables, n=net: n.apply(v, x, mode="per_pixel"))
-      lut_fn = jax.jit(lambda x, t=lut: lut_lib.lut_apply(t, x))
-      rows["float"].append(evaluate(float_fn, task))
-      rows["tables"].append(evaluate(lut_fn, task))
-      print(
-        f"{name} seed {seed}: float {rows['float'][-1]} tables {rows['tables'][-1]}", flush=True
+      net, variables = train_float(
+        task, seed, args.steps, args.batch, args.patch, cache_dir=args.cache_dir
       )
+      trained.setdefault(name, []).append((net, variables))
+      lut = lut_lib.convert(variables, net)
+      rows["tables"].append(evaluate(lambda x, t=lut: lut_fn(x, t), task))
+      print(f"{name} seed {seed}: tables {rows['tables'][-1]} cpu {time.process_time():.0f}s")
       if seed == 0:
         probe = jnp.asarray(lut_lib.to_pixels(gray("astronaut")[:128, :128]))[None]
+        # The network's own forward (float parameters, tabulated as in training) and the
+        # ordinary per-pixel float network: the tables compute the first exactly (tests/lut).
+        # Parameters and tables are arguments, not constants that XLA could fold.
+        tabulated = jax.jit(lambda x, v, n=net: n.apply(v, x))
+        per_pixel = jax.jit(lambda x, v, n=net: n.apply(v, x, mode="per_pixel"))
+        table_out = np.asarray(lut_fn(probe, lut))
+        rows["network_equals_tables_on_probe"] = {
+          "tabulated": bool(np.array_equal(np.asarray(tabulated(probe, variables)), table_out)),
+          "per_pixel_fraction": float(
+            np.mean(np.asarray(per_pixel(probe, variables)) == table_out)
+          ),
+        }
         rows["latency_ms"] = {
-          "float_per_pixel": latency(float_fn, probe),
-          "float_tabulated": latency(jax.jit(lambda x, v=variables, n=net: n.apply(v, x)), probe),
-          "tables": latency(lut_fn, probe),
+          "float_per_pixel": latency(lambda x, v=variables, f=per_pixel: f(x, v), probe),
+          "float_tabulated": latency(lambda x, v=variables, f=tabulated: f(x, v), probe),
+          "tables": latency(lambda x, t=lut: lut_fn(x, t), probe),
           "input": list(probe.shape),
         }
-        rows["bytes"] = {
-          "tables": lut_lib.table_bytes(lut, include_requant=False),
-          "tables_and_requant": lut_lib.table_bytes(lut),
-          "float_network": lut_lib.float_network_bytes(variables),
-          "naive_9d_8bit": lut_lib.naive_lut_bytes(9, task["upscale"]),
-          "srlut_4d_4bit_sampled": lut_lib.naive_lut_bytes(4, task["upscale"], sampling_bits=4),
-        }
+        rows["bytes"] = storage(lut, variables, task["upscale"])
         example[name] = (net, variables, lut)
-    for key in ("float", "tables"):
-      rows[key] = {
-        "psnr": mean_std([r[0] for r in rows[key]]),
-        "ssim": mean_std([r[1] for r in rows[key]]),
-      }
+    rows["tables"] = psnr_ssim(rows["tables"])
     if task["upscale"] > 1:
       rows["bicubic"] = bicubic_baseline(task)
     else:
@@ -269,55 +349,84 @@ def main():
     print(json.dumps({name: rows}), flush=True)
 
   if "denoise15" in example:
-    task = tasks["denoise15"]
-    sigma = args.adapt_sigma
-    net, variables, lut = example["denoise15"]
-    adapt = {"sigma": sigma, "steps": args.adapt_steps, "directions": args.spsa_directions}
-    lut_fn = jax.jit(lambda x, t: lut_lib.lut_apply(t, x))
-    adapt["none"] = evaluate(lambda x: lut_fn(x, lut), task, sigma)
-    adapt["noisy_input"] = evaluate(lambda x: x, task, sigma)
-    spsa_rows, bp_rows, curves = [], [], []
-    for seed in range(args.seeds):
-      adapted, losses = spsa_adapt(
-        lut, task, sigma, seed, args.adapt_steps, args.batch, 32, args.spsa_directions, args.spsa_lr
-      )
-      spsa_rows.append(evaluate(lambda x, a=adapted: lut_fn(x, a), task, sigma))
-      curves.append(losses)
-      tuned = backprop_adapt(net, variables, task, sigma, seed, args.adapt_steps, args.batch, 32)
-      bp_lut = lut_lib.convert(tuned, net)
-      bp_rows.append(evaluate(lambda x, a=bp_lut: lut_fn(x, a), task, sigma))
-      print(
-        f"adapt seed {seed}: spsa {spsa_rows[-1]} backprop {bp_rows[-1]} loss {losses}", flush=True
-      )
-      if seed == 0:
-        example["adapted"] = adapted
-    adapt["spsa_tables"] = {
-      "psnr": mean_std([r[0] for r in spsa_rows]),
-      "ssim": mean_std([r[1] for r in spsa_rows]),
-      "train_mse_every_100": curves,
-      "forward_calls_per_step": 2 * args.spsa_directions,
-    }
-    adapt["backprop_float_then_tables"] = {
-      "psnr": mean_std([r[0] for r in bp_rows]),
-      "ssim": mean_std([r[1] for r in bp_rows]),
-    }
-    results["adaptation"] = adapt
-    print(json.dumps({"adaptation": adapt}), flush=True)
+    results["adaptation"] = adapt_denoiser(
+      args, tasks["denoise15"], lut_fn, trained["denoise15"], example
+    )
 
   if args.authors_dir:
     authors = lut_lib.load_authors_tables(args.authors_dir)
-    fn = jax.jit(lambda x: lut_lib.lut_apply(authors, x))
+    probe = jnp.asarray(lut_lib.to_pixels(gray("astronaut")[:128, :128]))[None]
     results["authors_x4"] = {
-      "tables": evaluate(fn, tasks["sr4"]),
+      "tables": evaluate(lambda x: lut_fn(x, authors), tasks["sr4"]),
       "bicubic": bicubic_baseline(tasks["sr4"]),
       "bytes": lut_lib.table_bytes(authors, include_requant=False),
+      "tables_and_requant": lut_lib.table_bytes(authors),
+      "latency_ms": latency(lambda x: lut_fn(x, authors), probe),
     }
     print(json.dumps({"authors_x4": results["authors_x4"]}), flush=True)
 
+  results["cpu_seconds"] = time.process_time()
   pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
   if args.figure and example:
+    for name in ("sr2", "sr4"):  # SR rows of the figure from another run's cached networks
+      if name not in example and args.cache_dir and cache_path(args, tasks[name], 0).exists():
+        net, variables = train_float(
+          tasks[name], 0, args.steps, args.batch, args.patch, cache_dir=args.cache_dir
+        )
+        example[name] = (net, variables, lut_lib.convert(variables, net))
     write_figure(example, tasks, args.adapt_sigma, args.figure)
+
+
+def adapt_denoiser(args, task, lut_fn, trained, example):
+  """σ = 15 denoisers (seeds) adapted to σ = `adapt_sigma`: none / SPSA on tables / backprop."""
+  sigma = args.adapt_sigma
+  adapt = {
+    "sigma": sigma,
+    "steps": args.adapt_steps,
+    "directions": args.spsa_directions,
+    "spsa_forward_calls_per_step": 2 * args.spsa_directions,
+    "noisy_input": evaluate(lambda x: x, task, sigma),
+  }
+  variants = args.spsa_stages.split(";")
+  none_rows, bp_rows = [], []
+  spsa_rows, curves = {v: [] for v in variants}, {v: [] for v in variants}
+  for seed, (net, variables) in enumerate(trained):
+    lut = lut_lib.convert(variables, net)
+    none_rows.append(evaluate(lambda x, t=lut: lut_fn(x, t), task, sigma))
+    for variant in variants:
+      adapted, losses = spsa_adapt(
+        lut,
+        task,
+        sigma,
+        seed,
+        args.adapt_steps,
+        args.batch,
+        32,
+        args.spsa_directions,
+        args.spsa_lr,
+        tuple(variant.split(",")),
+      )
+      spsa_rows[variant].append(evaluate(lambda x, t=adapted: lut_fn(x, t), task, sigma))
+      curves[variant].append(losses)
+      print(f"adapt seed {seed} spsa[{variant}] {spsa_rows[variant][-1]} fixed-batch mse {losses}")
+      if seed == 0 and variant == variants[0]:
+        example["adapted"] = adapted
+    tuned = backprop_adapt(net, variables, task, sigma, seed, args.adapt_steps, args.batch, 32)
+    bp_lut = lut_lib.convert(tuned, net)
+    bp_rows.append(evaluate(lambda x, t=bp_lut: lut_fn(x, t), task, sigma))
+    print(
+      f"adapt seed {seed}: none {none_rows[-1]} backprop {bp_rows[-1]} "
+      f"cpu {time.process_time():.0f}s",
+      flush=True,
+    )
+  adapt["none"] = psnr_ssim(none_rows)
+  adapt["spsa_tables"] = {
+    v: dict(psnr_ssim(spsa_rows[v]), fixed_batch_mse_every_25=curves[v]) for v in variants
+  }
+  adapt["backprop_float_then_tables"] = psnr_ssim(bp_rows)
+  print(json.dumps({"adaptation": adapt}), flush=True)
+  return adapt
 
 
 def write_figure(example, tasks, sigma, path):
