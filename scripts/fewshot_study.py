@@ -347,20 +347,33 @@ def combine(folders: list[str], doc: pathlib.Path) -> str:
   records, commands, backbones, settings = [], [], [], []
   for folder in folders:
     folder = pathlib.Path(folder)
-    meta = json.loads((folder / "meta.json").read_text())
-    commands.append(
-      f"- `{meta['command']}` ({meta['machine']}; {meta['seconds'] / 60:.0f} min wall on a shared "
-      "machine, not a benchmark)"
-    )
+    if (folder / "meta.json").exists():
+      meta = json.loads((folder / "meta.json").read_text())
+      commands.append(
+        f"- `{meta['command']}` ({meta['machine']}; {meta['seconds'] / 60:.0f} min wall on a "
+        "shared machine, not a benchmark)"
+      )
+    else:  # A run stopped before its end (a deadline): its complete rows only.
+      command = "python " + (folder / "command.txt").read_text().strip()
+      commands.append(f"- `{command}` (stopped before its end; its complete rows only)")
     with open(folder / "episodes.csv", newline="") as file:
-      for line in csv.DictReader(file):
-        record = {key: line[key] for key in ("backbone", "setting", "row")}
-        record["seed"] = int(line["seed"])
-        for key in ("zero_shot", "accuracy", "final_loss"):
-          record[key] = float(line[key])
-        records.append(record)
-        backbones += [record["backbone"]] if record["backbone"] not in backbones else []
-        settings += [record["setting"]] if record["setting"] not in settings else []
+      lines = list(csv.DictReader(file))
+    counts = {}
+    for line in lines:
+      group = (line["backbone"], line["setting"], line["row"])
+      counts[group] = counts.get(group, 0) + 1
+    for line in lines:
+      group = (line["backbone"], line["setting"], line["row"])
+      full = max(n for g, n in counts.items() if g[:2] == group[:2])
+      if counts[group] < full:
+        continue  # A row cut short.
+      record = {key: line[key] for key in ("backbone", "setting", "row")}
+      record["seed"] = int(line["seed"])
+      for key in ("zero_shot", "accuracy", "final_loss"):
+        record[key] = float(line[key])
+      records.append(record)
+      backbones += [record["backbone"]] if record["backbone"] not in backbones else []
+      settings += [record["setting"]] if record["setting"] not in settings else []
   pooled = argparse.Namespace(backbones=",".join(backbones), settings=",".join(settings))
   summary = summarize(records, ROWS, pooled)
   table = markdown_table(summary, pooled)
