@@ -18,6 +18,8 @@ analysis); latency: median of 50 batch-1 forwards on this machine (jit, CPU).
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import json
 import pathlib
 
@@ -130,6 +132,19 @@ def step_fn(model, method, variables, batch):
   )
 
 
+def read_rows(path) -> list:
+  """The rows of a report's CSV, for `--merge`."""
+  rows = []
+  with open(path, newline="") as f:
+    for record in csv.DictReader(f):
+      values = {}
+      for field in dataclasses.fields(efficiency.EfficiencyRow):
+        convert = {"str": str, "int": int, "float": float}[field.type]
+        values[field.name] = convert(record.get(field.name, -1))  # the CSV has no XLA flops
+      rows.append(efficiency.EfficiencyRow(**values))
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -137,6 +152,12 @@ def main():
   parser.add_argument("--spsa-steps", type=int, default=1500)
   parser.add_argument("--mobilenet-steps", type=int, default=300)
   parser.add_argument("--out", default="/tmp/efficiency")
+  parser.add_argument(
+    "--models", nargs="+", default=None, help="only these model names (e.g. 'MLP'), to split a run"
+  )
+  parser.add_argument(
+    "--merge", nargs="+", default=None, help="combine the reports of these --out folders"
+  )
   args = parser.parse_args()
   train_data, test_data = digits()
   w8a8, w16a16 = fgjax.quant.preset("w8a8"), fgjax.quant.preset("w16a16")
@@ -161,6 +182,12 @@ def main():
   ]
   quants = {"float32": (None, "same"), "w8a8": (w8a8, "same"), "w8a8, dw w16a16": (w8a8, w16a16)}
   rows, raw = [], []
+  if args.merge:
+    configs = []
+    for folder in args.merge:
+      rows += read_rows(pathlib.Path(folder) / "efficiency.csv")
+      raw += json.loads((pathlib.Path(folder) / "accuracies.json").read_text())
+  configs = [c for c in configs if args.models is None or c[0] in args.models]
   for name, build, method, steps, precisions in configs:
     accuracies = {p: [] for p in precisions}
     trained = []
