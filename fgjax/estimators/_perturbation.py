@@ -58,10 +58,23 @@ def random_bits(key: jax.Array, shape: tuple[int, ...], stream: int = 0) -> jax.
   words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
   salt = jnp.uint32((stream * 0x9E3779B9 + 0x7F4A7C15) & 0xFFFFFFFF)
   size = math.prod(shape)
-  x = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  # The flat index, built from a column and a row counter joined through the key: inside a loop
+  # over directions XLA would otherwise hoist a full-size counter out as a loop invariant (a
+  # uint32 buffer the size of the leaf, alive during the whole loop).
+  last = shape[-1] if len(shape) else 1
+  rows = jax.lax.broadcasted_iota(jnp.uint32, (size // max(last, 1), 1), 0) * jnp.uint32(last)
+  columns = jax.lax.broadcasted_iota(jnp.uint32, (1, last), 1)
+  x = ((rows ^ _key_zero(key)) + columns).reshape(shape)
   for word in range(words.shape[0]):  # threefry keys have two words, rbg keys four
     x = _mix32(x ^ _mix32(words[word] ^ salt))
   return x
+
+
+def _key_zero(key: jax.Array) -> jax.Array:
+  """A uint32 zero that XLA cannot prove is zero and that depends on `key` (a NaN test on it)."""
+  word = jax.random.key_data(key).reshape(-1)[0]
+  as_float = word.astype(jnp.float32)
+  return (as_float != as_float).astype(jnp.uint32)
 
 
 def tie(key: jax.Array, values) -> jax.Array:
@@ -145,6 +158,9 @@ def perturb_leaf(
   """leaf moved by scale · z(key, index): on the grid (step `grid_scale`) for integer leaves."""
   z = direction(key, index, leaf, distribution)
   if is_integer(leaf):
+    # Tied to the key: the int32 widening inside `saturating_add` is then not a loop invariant
+    # that XLA would hoist out of a loop over directions (4 bytes per weight, kept all along).
+    leaf = leaf ^ _key_zero(key).astype(leaf.dtype)
     return saturating_add(leaf, grid_step(z, scale, grid_scale))
   return leaf + (scale * z).astype(leaf.dtype)
 

@@ -31,13 +31,32 @@ import numpy as np
 import optax
 
 from fgjax import _masks
-from fgjax.quant._integer import round_nearest, round_stochastic, saturating_add
+from fgjax.estimators import _perturbation
+from fgjax.quant._integer import round_nearest, saturating_add
 
 PyTree = Any
 ROUNDINGS = ("nearest", "stochastic", "error_feedback")
 # Float updates are clipped to ±2^30 steps before the cast to int32: far beyond any 16-bit range,
 # and small enough that `bound - delta` in `saturating_add` cannot overflow.
 _DELTA_LIMIT = 2**30
+# `changed_fraction` counts the moved weights of each leaf on a strided sample of at most this many
+# (all of them for smaller leaves): an exact count over every weight would keep a buffer of the
+# leaf's integer steps alive beside the update (XLA cannot fuse the count into the update).
+CHANGED_FRACTION_SAMPLE = 4096
+
+
+def _uniform(key: jax.Array, size: int, stream: int) -> jax.Array:
+  """U[0, 1) per flat index from a counter-based hash (`_perturbation.random_bits`): fused into
+  its consumer, no PRNG buffer the size of the leaf (jax.random's threefry keeps two)."""
+  bits = _perturbation.random_bits(key, (size,), stream=stream)
+  return (bits >> 8).astype(jnp.float32) * (2.0**-24)
+
+
+def _strided(x: jax.Array) -> jax.Array:
+  """The flat strided sample of `x` that `changed_fraction` is counted on."""
+  flat = jnp.reshape(x, (-1,))
+  stride = -(-flat.shape[0] // CHANGED_FRACTION_SAMPLE)
+  return flat[::stride]
 
 
 def _is_integer(leaf) -> bool:
@@ -156,7 +175,9 @@ class IntegerUpdatesState(NamedTuple):
       every integer leaf in the mask; `optax.MaskedNode()` elsewhere and for the other modes, so
       they hold no memory the size of the weights.
     changed_fraction: the fraction of integer weights in the mask that the last step's update
-      moves (after saturation): 1 − this is the zero-update rate.
+      moves (after saturation): 1 − this is the zero-update rate. Exact for leaves of up to
+      `CHANGED_FRACTION_SAMPLE` weights; larger leaves are counted on a strided sample of that
+      many (an unbiased estimate; `fgjax.changed_fraction(old, new)` counts every weight).
   """
 
   key: jax.Array
@@ -245,35 +266,62 @@ def integer_updates(
         new_residual.append(residual)
         continue
       update = jnp.asarray(update)
-      if jnp.issubdtype(update.dtype, jnp.integer):
-        step = update
-      else:
-        steps = update.astype(jnp.float32) / step_size
-        if rounding == "stochastic":
-          step = round_stochastic(jax.random.fold_in(step_key, index), steps)
-        elif rounding == "error_feedback":
-          if isinstance(residual, optax.MaskedNode):
-            if counted:
-              raise ValueError(
-                f"error_feedback: integer leaf {_masks.path_to_str(path)!r} has no residual "
-                "(init saw it as float); init with the integer parameters."
-              )
-            step = round_nearest(steps)
-          else:
+      if rounding == "error_feedback" and isinstance(residual, optax.MaskedNode) and counted:
+        if not jnp.issubdtype(update.dtype, jnp.integer):
+          raise ValueError(
+            f"error_feedback: integer leaf {_masks.path_to_str(path)!r} has no residual "
+            "(init saw it as float); init with the integer parameters."
+          )
+
+      def integer_step(param, update, residual, noise, step_size=step_size):
+        """(delta, new residual): the saturated integer move of `param` for `update`."""
+        if jnp.issubdtype(update.dtype, jnp.integer):
+          step = update
+        else:
+          steps = update.astype(jnp.float32) / step_size
+          if rounding == "stochastic":
+            step = jnp.floor(steps + noise)
+          elif rounding == "error_feedback" and not isinstance(residual, optax.MaskedNode):
             accumulated = residual + steps
             step = round_nearest(accumulated)
             # The residual drops the rounded step even where saturation clips it, so it stays
             # in [-1/2, 1/2] instead of growing against a bound.
             residual = accumulated - step
-        else:
-          step = round_nearest(steps)
-      moved = saturating_add(param, _integer_delta(step))
-      delta = moved.astype(jnp.int32) - param.astype(jnp.int32)
-      out.append(delta)
-      new_residual.append(residual)
+          else:
+            step = round_nearest(steps)
+        moved = saturating_add(param, _integer_delta(step))
+        return moved.astype(jnp.int32) - param.astype(jnp.int32), residual
+
+      size = int(np.size(param))
+      noise = None
+      if rounding == "stochastic":
+        noise = _uniform(step_key, size, index).reshape(jnp.shape(param))
+      after = None
       if counted:
-        changed = changed + jnp.sum(delta != 0).astype(jnp.float32)
-        total += int(np.size(param))
+        # The count on a sample recomputes the (cheap, elementwise) step there, so the full
+        # steps have one consumer and fuse into the weight update.
+        def sample(x, shape=None):
+          if x is None or isinstance(x, optax.MaskedNode):
+            return x
+          return _strided(jnp.broadcast_to(x, shape))
+
+        shape = jnp.shape(param)
+        sampled_delta, _ = integer_step(
+          sample(param, shape),
+          sample(update, shape),
+          sample(residual, shape),
+          sample(noise, shape),
+          step_size=sample(step_size, shape),
+        )
+        leaf_changed = jnp.mean((sampled_delta != 0).astype(jnp.float32))
+        changed = changed + leaf_changed * size
+        total += size
+        # The full update waits for the sample (a zero XLA cannot fold): read before the weights
+        # are updated in place, the sample then needs no copy of them.
+        after = (leaf_changed != leaf_changed).astype(jnp.int32)
+      delta, updated_residual = integer_step(param, update, residual, noise)
+      out.append(delta if after is None else delta + after)
+      new_residual.append(updated_residual)
     return jax.tree_util.tree_unflatten(treedef, out), IntegerUpdatesState(
       key=key,
       residual=jax.tree_util.tree_unflatten(treedef, new_residual),

@@ -394,3 +394,16 @@ def test_errors():
     fgjax.integer_optimizer(optax.sgd(1.0), scales=None)
   with pytest.raises(ValueError, match="epsilon"):
     fgjax.estimators.spsa(2, float("nan"))
+
+
+def test_changed_fraction_of_a_large_leaf_is_estimated_on_a_sample():
+  # 200 x 300 = 60,000 weights > CHANGED_FRACTION_SAMPLE: counted on a strided sample, whose
+  # fraction is within 5 sigma of the exact one (binomial, n = the sample size).
+  params = {"w": jnp.zeros((200, 300), jnp.int8)}
+  updates = {"w": jax.random.uniform(jax.random.key(0), (200, 300), minval=-1.0, maxval=1.0)}
+  transform = fgjax.integer_updates("stochastic", scales={"w": jnp.float32(1.0)})
+  out, state = transform.update(updates, transform.init(params), params)
+  exact = float(fgjax.changed_fraction(params, fgjax.apply_integer_updates(params, out)))
+  n = fgjax.transforms._integer._strided(params["w"]).shape[0]  # 4,000 of 60,000
+  assert abs(float(state.changed_fraction) - exact) <= 5 * np.sqrt(exact * (1 - exact) / n)
+  assert 0.4 < exact < 0.6  # E = mean |u| = 1/2
