@@ -41,6 +41,7 @@ from fgjax import estimators, models  # noqa: E402
 
 GROUPS = ("m", "sign", "sam", "schedule", "start", "precision", "passes")
 STEPS = 400
+PRECISION_LRS = [0.003, 0.01, 0.03]
 SIGN_LR = 0.01
 
 
@@ -85,7 +86,7 @@ def group_methods(group: str, steps: int) -> list[_study.Method]:
     out = []
     for precision in ("w16a8", "w8a8"):
       for rounding in ("nearest", "stochastic"):
-        for lr in (0.003, 0.01, 0.03):
+        for lr in PRECISION_LRS:
           out.append(
             _study.Method(
               f"{precision} {rounding} lr {lr:g}",
@@ -153,8 +154,10 @@ def main():
   parser.add_argument("--steps", type=int, default=STEPS)
   parser.add_argument("--long_steps", type=int, default=3000)
   parser.add_argument("--workdir", default="/tmp/fgjax_ablations")
+  parser.add_argument("--precision_lrs", default="0.003,0.01,0.03")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
+  PRECISION_LRS[:] = [float(v) for v in args.precision_lrs.split(",")]
   seeds = [int(s) for s in args.seeds.split(",")]
   groups = args.groups.split(",")
   workdir = pathlib.Path(args.workdir)
