@@ -187,7 +187,13 @@ def _adapt_plan(config, task, notes):
 
     scales = fq.leaf_scales(params, variables) if integer else None
     optimizer = training.make_optimizer(
-      adapt, mask=mask, forward=True, seed=config.seed, integer_weights=integer, scales=scales
+      adapt,
+      mask=mask,
+      forward=True,
+      seed=config.seed,
+      integer_weights=integer,
+      scales=scales,
+      mesh=config.get("mesh", ""),
     )
   except ValueError as error:
     raise ConfigError(f"--config.adapt.{error}") from None

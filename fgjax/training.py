@@ -124,13 +124,32 @@ def _get(config, name, default=None):
   return getattr(config, name, default) if hasattr(config, name) else default
 
 
-def make_estimator(config, mask=None, scales=None):
+def make_estimator(config, mask=None, scales=None, mesh: str = ""):
   """The estimator named by `config.method`: backprop, jvp, spsa, or sign_spsa (sign-m-SPSA).
 
   Reads `num_directions`, `epsilon` (weight units), `central`, `distribution`, `sign_scale`,
   `chunk_size` from `config` (a ConfigDict or dict); `mask` and `scales` (the grid steps of
-  integer leaves, `fgjax.quant.leaf_scales`) are passed on.
+  integer leaves, `fgjax.quant.leaf_scales`) are passed on. A `mesh` spec such as
+  "directions=4" splits the K directions of jvp / spsa over that many devices
+  (`fgjax.parallel.sharded`; the estimate is the single-device one).
   """
+  estimator = _make_estimator(config, mask, scales)
+  if not mesh:
+    return estimator
+  from fgjax import parallel
+
+  axes = parallel.parse_mesh(mesh)
+  if set(axes) - {"directions"}:
+    raise ValueError(
+      f"mesh: {mesh!r}: only a 'directions' axis goes through the optimizer (its loss closes "
+      "over the batch); split data with fgjax.parallel.sharded and the batch as an argument."
+    )
+  if "directions" not in axes or isinstance(estimator, fe.Backprop):
+    return estimator
+  return parallel.sharded(estimator, parallel.make_mesh(axes), data_axis=None)
+
+
+def _make_estimator(config, mask, scales):
   method = _get(config, "method", "backprop")
   chunk_size = _get(config, "chunk_size", "auto")
   if method == "backprop":
@@ -184,6 +203,7 @@ def make_optimizer(
   seed: int = 0,
   integer_weights: bool = False,
   scales: dict | None = None,
+  mesh: str = "",
 ):
   """An optax optimizer by name, behind the estimator of `config.method` when `forward`.
 
@@ -192,7 +212,8 @@ def make_optimizer(
   "cosine" or "linear" decays that learning rate to 0 over `config.steps`. With a `mask`, frozen
   leaves get `optax.set_to_zero()` (no optimizer state, no weight decay). With `forward=True` the
   chain starts with `fgjax.forward_gradient(make_estimator(config, mask), seed)`, and `update`
-  needs `value_fn=`; with `forward=False` it takes ordinary gradients.
+  needs `value_fn=`; with `forward=False` it takes ordinary gradients. `mesh` ("directions=4")
+  splits the estimator's directions over devices (`make_estimator`).
 
   With `integer_weights=True` (fixed-point parameters) the chain is wrapped in
   `fgjax.integer_optimizer(chain, scales=scales, rounding=config.rounding, mask=mask)` (rounding
@@ -238,7 +259,7 @@ def make_optimizer(
   if integer_weights and scales is None:
     raise ValueError("scales: integer weights need their grid steps (fgjax.quant.leaf_scales).")
   if forward:
-    estimator = make_estimator(config, mask, scales if integer_weights else None)
+    estimator = make_estimator(config, mask, scales if integer_weights else None, mesh)
     optimizer = optax.chain(fgjax.forward_gradient(estimator, seed), optimizer)
   if integer_weights:
     rounding = _get(config, "rounding", "nearest") or "nearest"

@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.nonfinite = "stop"  # stop | skip: a step whose loss or parameters become NaN/Inf.
   config.saturation_warning = 0.01  # Warn when this fraction of integer weights is at the limit.
   config.force_resume = False  # Resume a workdir whose checkpoint has another config.
+  config.mesh = ""  # adapt: "directions=4" splits the K directions over 4 devices (fgjax.parallel)
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"  # digits | mnist | fsdd | synthetic

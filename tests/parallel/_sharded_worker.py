@@ -97,6 +97,23 @@ def main():
       "value": abs(float(out.value - reference.value)),
       "derivatives": 0.0,
     }
+  # Through optax as the binaries build it (`--config.mesh=directions=8`): the same update.
+  config = {"method": "spsa", "num_directions": 8, "epsilon": 1e-2, "optimizer": "sgd"}
+  config["optimizer_kwargs"] = {"learning_rate": 0.1}
+  updates = {}
+  for mesh in ("", "directions=8"):
+    optimizer = fgjax.training.make_optimizer(config, seed=0, mesh=mesh)
+
+    @jax.jit
+    def update(p, optimizer=optimizer):
+      return optimizer.update(p, optimizer.init(p), p, value_fn=lambda q: loss_fn(q, x, y))[0]
+
+    updates[mesh] = update(params)
+  report["equal"]["optax spsa directions=8"] = {
+    "grads": relative_error(updates["directions=8"], updates[""]),
+    "value": 0.0,
+    "derivatives": 0.0,
+  }
   # Bytes communicated per step, from the compiled HLO: SPSA against data-parallel backprop.
   for width in (32, 320):
     p = init(jax.random.key(1), width)

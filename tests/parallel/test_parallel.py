@@ -39,6 +39,7 @@ def test_sharded_estimate_equals_single_device(report):
     "spsa_sign_one_sided directions=2,data=4",
     "jvp directions=4,data=2",
     "spsa directions=2,data=2,model=2 sharded params",
+    "optax spsa directions=8",
   }
   assert set(report["equal"]) == expected
   for case, errors in report["equal"].items():
@@ -106,3 +107,12 @@ def test_one_device_mesh_under_value_and_grad():
     .as_text()
   )
   assert parallel.communicated_bytes(text) <= 64 * 2 + 4
+
+
+def test_make_estimator_mesh_hook():
+  config = {"method": "sign_spsa", "num_directions": 2}
+  est = fgjax.training.make_estimator(config, mesh="directions=1")
+  assert isinstance(est, parallel.Sharded) and est.data_axis is None
+  assert isinstance(fgjax.training.make_estimator(config), fgjax.estimators.SPSA)
+  with pytest.raises(ValueError, match="directions"):
+    fgjax.training.make_estimator(config, mesh="data=1")
