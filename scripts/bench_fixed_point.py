@@ -8,9 +8,9 @@ and optimizer state donated. Memory is XLA's own estimate for the compiled step
 
 Rows: backprop (float32, SGD), SPSA float32, SPSA w8a8 with float master weights (fake quant), and
 QZO-FF (sign-m-SPSA on integer weights + `fgjax.integer_updates`) with w16a8 (int16 kernels) and
-w8a8 (int8 kernels). The default input width (512) keeps every contraction <= 516 terms, the
-largest for which XLA:CPU's int16 x int16 dot with int32 accumulation cannot overflow; wider
-w16a8 layers fall back to float32 operands holding the integers (see `fgjax.quant.dot_general`).
+w8a8 (int8 kernels). Integer products run as exact int8 x int8 -> int32 contractions at every
+fan-in (a 16-bit side as int8 planes, `fgjax.quant.integer_dot_general`). For the memory of
+larger models against their eval forward see `scripts/bench_memory_fixed_point.py`.
 
 Command (about 1 minute on 2 CPU cores):
   python scripts/bench_fixed_point.py --output_dir /tmp/bench_fixed_point
@@ -58,12 +58,14 @@ def make_case(name, args, float_variables, hidden):
     fixed = quant.to_fixed_point(float_variables, config)
     model = MLP(hidden_sizes=hidden, num_classes=10, quant=quant.integer_storage(config))
     apply_fn = quant.bind_frozen(model.apply, fixed.frozen)
-    params, mask = fixed.params, quant.integer_mask(fixed.params)
+    params, scales = fixed.params, fixed.scales
+    # Weight units: epsilon 3 of the coarsest grid steps (valid at every precision), lr the same.
+    epsilon = 3.0 * max(float(jnp.max(s)) for s in scales.values())
     estimator = fgjax.estimators.spsa(
-      args.num_directions, 1.0, sign=True, distribution="rademacher", mask=mask
+      args.num_directions, epsilon, sign=True, distribution="rademacher", scales=scales
     )
-    links = [optax.sgd(1.0), fgjax.integer_updates("nearest", mask=mask)]
-    return params, optax.chain(fgjax.forward_gradient(estimator), *links), apply_fn
+    chain = optax.chain(fgjax.forward_gradient(estimator), optax.sgd(epsilon))
+    return params, fgjax.integer_optimizer(chain, scales=scales, rounding="nearest"), apply_fn
   model_quant = None if config is None else quant.master_weight_storage(config)
   model = MLP(hidden_sizes=hidden, num_classes=10, quant=model_quant)
   apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
@@ -94,7 +96,8 @@ def bench(name, args, float_variables, hidden, x, y):
     updates, state = optimizer.update(
       params, state, params, value_fn=lambda p: cross_entropy(apply_fn(p, x), y)
     )
-    return fgjax.apply_integer_updates(params, updates), state, state[0].value
+    value = state.inner[0].value if hasattr(state, "inner") else state[0].value
+    return fgjax.apply_integer_updates(params, updates), state, value
 
   jitted = jax.jit(step, donate_argnums=(0, 1))
   state = optimizer.init(params)
