@@ -172,6 +172,8 @@ def summary_table(summaries: list[dict]) -> str:
       total = s["total_passes"]
       ref = s.get("backprop_memory_bytes") or {}
       precision = s["precision"] + (" int" if s["weight_storage"] == "integer" else "")
+      if s.get("zero_update_rate") is not None:
+        precision += f", {s['rounding']}, {_pct(s['zero_update_rate'])} % zero updates"
       row = [
         s.get("name", "adapt"),
         s["method"] + (f" K={s['num_directions']}" if s["method"] != "backprop" else ""),

@@ -205,6 +205,7 @@ def run(plan: Plan, progress: reporting.Progress | None = None) -> dict:
     stop_at = int(config.stop_after)
     begin = time.time()
     skipped = 0
+    moved = []  # fixed point: the fraction of integer weights each step moved (kept on device)
     warned_saturation = False
     last_saved = plan.resume[0] if plan.resume else None
     last_eval = None
@@ -215,6 +216,8 @@ def run(plan: Plan, progress: reporting.Progress | None = None) -> dict:
         raise KeyboardInterrupt(f"stopped at step {step} (config.stop_after)")
       batch = _batch(plan.train_data, batch_size, config.seed, step)
       state, metrics = step_fn(state, batch)
+      if "changed_fraction" in metrics:
+        moved.append(metrics["changed_fraction"])
       done = step + 1
       if not bool(metrics["finite"]):
         if config.nonfinite == "stop":
@@ -297,6 +300,10 @@ def run(plan: Plan, progress: reporting.Progress | None = None) -> dict:
       total_passes={k: v * total_steps for k, v in passes.items()},
       num_directions=int(config.adapt.num_directions),
     )
+    if moved:
+      # The paper's w8a8 stall in one number: the share of steps x weights that did not move.
+      changed = float(jnp.mean(jnp.stack(moved)))
+      summary.update(rounding=config.adapt.rounding, zero_update_rate=1.0 - changed)
     if config.adapt.compare_backprop_memory:
       summary["backprop_memory_bytes"] = _backprop_reference_memory(plan, first_batch)
   summary = _finite_json(summary)

@@ -63,6 +63,9 @@ def test_config_runs_two_steps(module, data_dir, tmp_path):
   assert evals == [0, 1, 2]
   assert summary["adapted_accuracy"] == records[-1]["eval/target_accuracy"]
   assert all("saturated_fraction" in r for r in records if "loss" in r)  # Integer weights.
+  # The summary says how many integer updates rounded away (the w8a8 stall, issue 8).
+  assert 0.0 <= summary["zero_update_rate"] <= 1.0
+  assert "% zero updates" in (tmp_path / "adapt" / "summary.md").read_text()
 
 
 def _final_state(workdir):
