@@ -35,8 +35,10 @@ import jax.numpy as jnp
 from aqt.jax.v2 import aqt_conv_general, aqt_dot_general
 from aqt.jax.v2 import config as aqt_config
 from aqt.jax.v2.flax import aqt_flax
+from aqt.jax.v2.numerics import utils as aqt_numerics_utils
 
 from fgjax import _masks
+from fgjax.quant._config import QuantConfig
 from fgjax.quant._fixed_point import FixedPointVariables
 
 PyTree = Any
@@ -174,6 +176,42 @@ def straight_through_conv_general_dilated(cfg: aqt_dot_general.DotGeneralRaw):
     return out if preferred_element_type is None else out.astype(preferred_element_type)
 
   return fn
+
+
+def aqt_dot_general_config(config: QuantConfig) -> aqt_dot_general.DotGeneral:
+  """The AQT `DotGeneral` config with `config`'s numerics: how `preset` maps onto AQT.
+
+  Symmetric integer numerics with `preserve_max_val=True` (scale `max|x| / (2^(b-1) - 1)`, the
+  grid of `fgjax.quant`), weights per output channel, activations per tensor or per token, a
+  quantized forward and a float backward (`bwd_bits=None`: AQT's straight-through gradient).
+  `fgjax.quant.Dense(..., quant=config)` and `nn.Dense(..., dot_general_cls=partial(
+  fgjax.quant.AqtDotGeneral, aqt_dot_general_config(config)))` compute the same forward (tested).
+
+  Args:
+    config: a `QuantConfig` with integer bits on either side (e.g. `preset("w8a8")`).
+
+  Returns:
+    An `aqt.jax.v2` `DotGeneral` config.
+
+  Example:
+    >>> cfg = aqt_dot_general_config(preset("w8a8"))
+  """
+  if config is None or config.is_float:
+    raise ValueError("aqt_dot_general_config needs integer bits, e.g. preset('w8a8').")
+  cfg = aqt_config.dot_general_make(
+    lhs_bits=config.act_bits, rhs_bits=config.weight_bits, bwd_bits=None, use_fwd_quant=True
+  )
+  quantizer = cfg.fwd.dg_quantizer
+  lhs = quantizer.lhs.numerics if config.act_bits is None else _numerics(config.act_bits)
+  rhs = quantizer.rhs.numerics if config.weight_bits is None else _numerics(config.weight_bits)
+  aqt_config.set_numerics(cfg.fwd, lhs, rhs)
+  if config.act_bits is not None and config.act_granularity == "per_tensor":
+    cfg.fwd.dg_quantizer.lhs.calib_shared_axes = "per_tensor"
+  return cfg
+
+
+def _numerics(bits):
+  return aqt_numerics_utils.get_numerics(bits, preserve_max_val=True)
 
 
 def _train_mode(module) -> bool:

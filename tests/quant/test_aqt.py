@@ -216,3 +216,18 @@ def test_aqt_serve_weights_train_in_fixed_point_with_sign_spsa():
   assert all(leaf.dtype == jnp.int8 for leaf in jax.tree.leaves(trained))
   assert float(jnp.mean(moved)) > 0.0
   assert float(loss(trained, x, y)) < 0.9 * float(loss(fixed.params, x, y))
+
+
+def test_preset_maps_onto_an_aqt_config_with_the_same_forward():
+  x = _normal(0, (4, 40))
+  for name in ("w8a8", "w4a8"):
+    config = quant.preset(name)
+    mine = quant.Dense(6, quant=config)
+    swapped = nn.Dense(
+      6,
+      dot_general_cls=functools.partial(
+        quant.AqtDotGeneral, quant.aqt_dot_general_config(config), prng_name=None
+      ),
+    )
+    params = mine.init(jax.random.key(1), x)
+    assert _max_abs_diff(mine.apply(params, x), swapped.apply(params, x)) < 2e-5
