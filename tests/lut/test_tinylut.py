@@ -182,5 +182,17 @@ def test_authors_format_loader(tmp_path):
   reason="set FGJAX_TINYLUT_DIR to the authors' TinyLUT_LUT folder",
 )
 def test_authors_published_tables():
+  """Their ×4 tables load (37,776 B) and run right: clearly better than bicubic on a photo."""
+  import skimage.data
+  import skimage.transform
+
   lut = lut_lib.load_authors_tables(os.environ["FGJAX_TINYLUT_DIR"])
   assert lut_lib.table_bytes(lut, include_requant=False) == 37776
+  hr = np.asarray(skimage.data.astronaut())[:192, :192]
+  low = lut_lib.bicubic_downscale(hr, 4)
+  pixels = jnp.asarray(lut_lib.to_pixels(np.moveaxis(low, -1, 0)))  # channel by channel
+  out = np.moveaxis(lut_lib.from_pixels(jax.jit(lut_lib.lut_apply)(lut, pixels)), 0, -1)
+  bicubic = skimage.transform.resize(low.astype(float), hr.shape, order=3, preserve_range=True)
+  bicubic = np.clip(np.round(bicubic), 0, 255).astype(np.uint8)
+  # Measured: 33.25 dB against 31.07 dB; a wrong dataflow falls far below bicubic.
+  assert lut_lib.psnr_y(out, hr, 4) > lut_lib.psnr_y(bicubic, hr, 4) + 1.0
