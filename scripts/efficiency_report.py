@@ -191,9 +191,12 @@ def main():
   for name, build, method, steps, precisions in configs:
     accuracies = {p: [] for p in precisions}
     trained = []
+    if steps == 0:  # costs only: untrained weights, no accuracy
+      model = build(None, "same")
+      trained.append(jax.jit(model.init)(jax.random.key(0), train_data[0][:1]))
     trainer = make_trainer(build(None, "same"), method, train_data, steps)
     evaluators = {p: make_accuracy(build(*quants[p]), test_data) for p in precisions}
-    for seed in args.seeds:
+    for seed in args.seeds if steps else ():
       variables = trainer(seed)
       trained.append(variables)
       for precision in precisions:
@@ -217,7 +220,7 @@ def main():
         forward_args=(variables["params"], test_data[0][:1]),
         step=step_fn(model, method, variables, batch),
         step_args=(variables["params"],),
-        accuracy=float(np.mean(accuracies[precision])),
+        accuracy=float(np.mean(accuracies[precision])) if accuracies[precision] else float("nan"),
       )
       rows.append(row)
       print(efficiency.to_markdown([row]).splitlines()[-1], flush=True)

@@ -246,9 +246,14 @@ def write_report(rows: Sequence[EfficiencyRow], folder, stem: str = "efficiency"
       axes[1].scatter(row.step_peak_bytes / 1024, 100 * row.accuracy, label=label)
     axes[0].set_xlabel("batch-1 latency (ms, median)")
     axes[1].set_xlabel("peak memory of a training step (KiB, XLA)")
-    for ax in axes:
+    spans = (
+      [r.latency_ms for r in measured],
+      [r.step_peak_bytes / 1024 for r in measured],
+    )
+    for ax, values in zip(axes, spans, strict=True):
       ax.set_ylabel("accuracy (%)")
-      ax.set_xscale("log")
+      if min(values) > 0 and max(values) > 10 * min(values):  # log only for a wide range
+        ax.set_xscale("log")
       ax.grid(alpha=0.3)
     axes[1].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
