@@ -14,13 +14,13 @@ or one run at a time:
 Runtime: `time python -m experiments.demo --workdir=/tmp/final/demo` took 65 s wall (43 s user)
 on 2 CPU cores (commit 7afe999); most of it is start-up and XLA compilation.
 
-Result (seeds 0, 1, 2: `python -m experiments.demo --config.seed=<seed>`, through
-`scripts/readme_results.py --tasks=digits`; docs/results/readme.md). Accuracy on the rotated
-test digits, mean ± std over the seeds; memory is XLA's estimate for one training step (temp /
-total KiB), beside a backprop step on the same model and precision:
+Result (seeds 0, 1, 2: `python -m experiments.demo --config.seed=<seed>`; the sign-m-SPSA
+run on 12d2d06; docs/results/readme.md). Accuracy on the rotated test digits, mean ± std over
+the seeds; memory is XLA's estimate for one training step (temp / total KiB), beside a backprop
+step on the same model and precision:
   pretrain, backprop, float32:        zero-shot 47.2 ± 4.3 %, 600 steps, 600 fwd + 600 bwd
-  sign-m-SPSA K=4, w16a8 int weights: adapted 78.8 ± 1.9 % (78.2, 77.2, 80.9), 800 steps,
-                                      6400 fwd, 742 / 778 KiB (backprop: 1523 / 1585 KiB)
+  sign-m-SPSA K=4, w16a8 int weights: adapted 81.1 ± 3.9 % (83.8, 82.9, 76.6), 800 steps,
+                                      6400 fwd, 700 / 736 KiB (backprop at w16a8: 1686 / 1748 KiB)
   backprop, float32 (reference):      adapted 92.4 ± 0.6 % (91.9, 92.1, 93.1), 800 steps,
                                       800 fwd + 800 bwd, 1438 / 1500 KiB
 Sign-m-SPSA adapts the integer kernels and the float biases, in weight units.
