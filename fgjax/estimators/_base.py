@@ -200,28 +200,50 @@ def combine(
   num_directions = keys.shape[0]
   weights = coefficients * (scale / num_directions)
   grads = []
+  streams = range(len(problem.leaves))
+  unrolled = num_directions <= _UNROLL_LIMIT
+  small = _perturbation.small_leaves(problem.leaves, problem.trainable) if unrolled else ()
+  # Per direction: every leaf's seed in one computation, the small leaves in one draw.
+  seeds = [
+    _perturbation.leaf_seeds(keys[k], streams) for k in range(num_directions if unrolled else 0)
+  ]
+  grouped = [
+    _perturbation.grouped_directions(seeds[k], small, problem.leaves, distribution)
+    for k in range(len(seeds))
+  ]
 
-  def leaf_term(key, index, leaf):
-    z = _perturbation.direction(key, index, leaf, distribution)
+  def leaf_term(z, index, leaf):
     grid = problem.grid_scales[index] if problem.grid_scales else None
     moved = _perturbation.effective_direction(leaf, z, epsilon, grid, central)
     return moved.astype(grad_dtype(leaf))
+
+  def unrolled_z(k, index, leaf):
+    if index in grouped[k]:
+      return grouped[k][index]
+    # The seed's flag keeps the index inside any loop around the step (see element_index).
+    seed, flag = _perturbation.tie_seed(seeds[k][index], ())
+    return _perturbation.direction_from_seed(seed, leaf, distribution, flag)
 
   for index, (leaf, on) in enumerate(zip(problem.leaves, problem.trainable, strict=True)):
     dtype = grad_dtype(leaf)
     if not on:
       grads.append(jnp.zeros(jnp.shape(leaf), dtype))
-    elif num_directions <= _UNROLL_LIMIT:
+    elif unrolled:
       # One elementwise expression: XLA fuses the K draws, the sum and the optimizer's update into
       # one pass over the leaf, with no buffer of the leaf's size in between.
-      total = weights[0].astype(dtype) * leaf_term(keys[0], index, leaf)
+      total = weights[0].astype(dtype) * leaf_term(unrolled_z(0, index, leaf), index, leaf)
       for k in range(1, num_directions):
-        total = total + weights[k].astype(dtype) * leaf_term(keys[k], index, leaf)
+        total = total + weights[k].astype(dtype) * leaf_term(
+          unrolled_z(k, index, leaf), index, leaf
+        )
       grads.append(total)
     else:
 
       def body(k, total, i=index, x=leaf):
-        return total + weights[k].astype(total.dtype) * leaf_term(keys[k], i, x)
+        # The accumulator's tie flag keeps the draw's index inside the loop (see element_index).
+        seed, flag = _perturbation.tie_seed(_perturbation.leaf_seed(keys[k], i), total)
+        z = _perturbation.direction_from_seed(seed, x, distribution, flag)
+        return total + weights[k].astype(total.dtype) * leaf_term(z, i, x)
 
       grads.append(jax.lax.fori_loop(0, num_directions, body, jnp.zeros(jnp.shape(leaf), dtype)))
   return problem.to_tree(grads)

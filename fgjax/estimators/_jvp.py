@@ -32,12 +32,25 @@ class JVP:
         )
     loss = _base.scalar_loss(loss_fn, problem.to_tree, *args, **kwargs)
 
+    streams = range(len(problem.leaves))
+    small = _perturbation.small_leaves(problem.leaves, problem.trainable)
+
     def one_direction(k):
       def loss_along(t):
-        # d/dt at t = 0 is ∇L·z; each tangent z is drawn where its layer reads the weights.
+        # d/dt at t = 0 is ∇L·z; each tangent z is drawn where its layer reads the weights, the
+        # small leaves' (biases, norms) all at once, up front.
+        seeds = _perturbation.leaf_seeds(k, streams)
+        grouped = {}
+        if small:
+          leaves = tuple(problem.leaves[i] for i in small)
+          tangents = _perturbation.with_tangents(leaves, t, seeds, small, self.distribution)
+          grouped = dict(zip(small, tangents, strict=True))
+
         def replace(index, leaf, tie):
-          key = _perturbation.tie(k, tie)
-          return _perturbation.with_tangent(leaf, t, key, index, self.distribution), tie
+          if index in grouped:
+            return grouped[index], tie
+          seed, flag = _perturbation.tie_seed(seeds[index], tie)
+          return _perturbation.with_tangent_seeded(leaf, t, seed, flag, self.distribution), tie
 
         return _lazy.call_with_replaced_leaves(loss, problem.leaves, problem.trainable, replace)
 

@@ -23,6 +23,7 @@ from jax.extend import core as jex_core
 Replace = Callable[[int, jax.Array, tuple], tuple[jax.Array, tuple]]
 
 _INLINED = ("pjit", "jit", "closed_call")
+_LAYER_OPS = ("dot_general", "conv_general_dilated")
 
 
 def call_with_replaced_leaves(
@@ -38,7 +39,8 @@ def call_with_replaced_leaves(
   for index, (var, on) in enumerate(zip(closed.jaxpr.invars, selected, strict=True)):
     if on:
       pending[var] = index
-  state = {"done": {}, "last": ()}  # leaf index -> replacement; the last values computed
+  # leaf index -> replacement; the last values computed; the latest matmul or convolution output.
+  state = {"done": {}, "last": (), "anchor": None}
   out = _eval(closed.jaxpr, closed.consts, flat_leaves, pending, replace, state)
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
 
@@ -69,11 +71,17 @@ def _eval(jaxpr, consts, args, pending, replace, state):
     variables = _unique(v for v in eqn.invars if not isinstance(v, jex_core.Literal))
     fresh = [v for v in variables if v in lazy and lazy[v] not in state["done"]]
     if fresh and not inline:
-      # Replace the leaves this equation reads first, after its other operands exist.
+      # Replace the leaves this equation reads first, after its other operands exist and after the
+      # latest matmul or convolution: a layer whose input was ready early (a residual shortcut)
+      # would otherwise get its replacement early, and hold it beside the activations.
       plain = [v for v in variables if v not in lazy]
       tie = tuple(env[v] for v in plain) if plain else state["last"]
+      anchor = state["anchor"]
+      extra = () if anchor is None or any(t is anchor for t in tie) else (anchor,)
+      tie = tuple(tie) + extra
       for var in fresh:
         state["done"][lazy[var]], tie = replace(lazy[var], env[var], tuple(tie))
+      tie = tuple(tie)[: len(tie) - len(extra)]
       if plain:
         for var, value in zip(plain, tie, strict=True):
           env[var] = value
@@ -96,6 +104,8 @@ def _eval(jaxpr, consts, args, pending, replace, state):
     for var, value in zip(eqn.outvars, outs, strict=True):
       env[var] = value
     state["last"] = tuple(o for o in outs if hasattr(o, "shape"))
+    if eqn.primitive.name in _LAYER_OPS:
+      state["anchor"] = outs[0]
   return [read(v) for v in jaxpr.outvars]
 
 

@@ -37,21 +37,40 @@ class SPSA:
     keys = jax.random.split(key, self.num_directions)
     chunk = _base.resolve_chunk_size(self.chunk_size, self.num_directions)
 
+    streams = range(len(problem.leaves))
+    small = _perturbation.small_leaves(problem.leaves, problem.trainable)
+
     def loss_moved(k, scale):
-      # Each trainable leaf is moved just before the op that reads it (see _lazy).
+      # Each trainable leaf is moved just before the op that reads it (see _lazy); the small ones
+      # (biases, norms) all at once, up front, in one draw.
+      seeds = _perturbation.leaf_seeds(k, streams)
+      grouped = _perturbation.grouped_directions(seeds, small, problem.leaves, self.distribution)
+      moved_small = {
+        i: _perturbation.move(problem.leaves[i], z, scale, problem.grid_scales[i])
+        for i, z in grouped.items()
+      }
+
       def replace(index, leaf, tie):
-        key = _perturbation.tie(k, tie)
-        grid = problem.grid_scales[index]
-        moved = _perturbation.perturb_leaf(index, leaf, key, scale, self.distribution, grid)
-        return moved, tie
+        if index in moved_small:
+          return moved_small[index], tie
+        seed, flag = _perturbation.tie_seed(seeds[index], tie)
+        z = _perturbation.direction_from_seed(seed, leaf, self.distribution, flag)
+        return _perturbation.move(leaf, z, scale, problem.grid_scales[index], flag), tie
 
       return _lazy.call_with_replaced_leaves(loss, problem.leaves, problem.trainable, replace)
 
     if self.central:
 
       def one_direction(k):
-        loss_plus = loss_moved(k, eps)
-        loss_minus = loss_moved(_perturbation.tie(k, loss_plus), -eps)
+        # The +ε and -ε passes are one 2-step loop: the forward is traced and compiled once, and
+        # XLA reuses one set of buffers for both. The key of the second step depends on the first
+        # step's loss (carried), so no draw is loop-invariant and hoisted out of the loop.
+        def step(previous, scale):
+          value = loss_moved(_perturbation.tie(k, previous), scale)
+          return value.astype(jnp.float32), value
+
+        scales = jnp.array([eps, -eps], jnp.float32)
+        _, (loss_plus, loss_minus) = jax.lax.scan(step, jnp.zeros((), jnp.float32), scales)
         return loss_plus, loss_minus
 
       plus, minus = _base.map_directions(one_direction, keys, chunk)

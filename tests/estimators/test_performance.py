@@ -1,0 +1,134 @@
+"""Performance regressions without timings (issue 15): XLA's memory analysis and jaxpr sizes.
+
+Deterministic and cheap: nothing here runs a step, only traces and compiles small models.
+- Memory: an SPSA + SGD step holds the memory of one eval forward plus one perturbed layer (MeZO's
+  "memory equals inference"), where the naive step holds whole perturbation trees.
+- Compile size: the replayed jaxpr of each estimator's step grows linearly with depth, by a small
+  multiple of what a layer adds to the forward (the replay must not blow up on deep models).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import fgjax
+from fgjax import testing
+
+MiB = 2**20
+
+
+class _DeepMLP(nn.Module):
+  depth: int = 4
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.depth):
+      x = nn.relu(nn.Dense(self.width)(x))
+    return nn.Dense(10)(x)
+
+
+def _problem(depth, width, batch):
+  model = _DeepMLP(depth, width)
+  x = jax.random.normal(jax.random.key(0), (batch, width))
+  y = jnp.zeros((batch,), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(1), x)["params"]
+
+  def loss_on(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return loss_on, params, x, y
+
+
+def _train_step(estimator, loss_on):
+  opt = optax.chain(fgjax.forward_gradient(estimator), optax.sgd(1e-3))
+
+  def step(params, state, x, y):
+    updates, state = opt.update(params, state, params, value_fn=lambda p: loss_on(p, x, y))
+    return optax.apply_updates(params, updates), state
+
+  return opt, step
+
+
+def _total_bytes(compiled) -> int:
+  m = compiled.memory_analysis()
+  return (
+    m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  )
+
+
+def _naive_spsa_step(loss_on, eps=1e-3, learning_rate=1e-3):
+  def step(params, key, x, y):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    z = treedef.unflatten(
+      [jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
+    )
+    plus = loss_on(jax.tree.map(lambda p, v: p + eps * v, params, z), x, y)
+    minus = loss_on(jax.tree.map(lambda p, v: p - eps * v, params, z), x, y)
+    d = (plus - minus) / (2 * eps)
+    return jax.tree.map(lambda p, v: p - learning_rate * d * v, params, z), key
+
+  return step
+
+
+@pytest.mark.parametrize("num_directions", [1, 4])
+def test_spsa_step_memory_is_one_forward_plus_one_layer(num_directions):
+  # 16 x 512: 16.3 MiB of parameters, one layer's kernel is 1 MiB, activations 0.25 MiB.
+  loss_on, params, x, y = _problem(depth=16, width=512, batch=128)
+  forward = _total_bytes(jax.jit(loss_on).lower(params, x, y).compile())
+  est = fgjax.estimators.spsa(num_directions, chunk_size=1)
+  opt, step = _train_step(est, loss_on)
+  state = jax.eval_shape(opt.init, params)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, x, y).compile()
+  largest_leaf = max(leaf.size * 4 for leaf in jax.tree.leaves(params))
+  # On XLA:CPU one perturbed weight matrix must exist before its matmul reads it: the floor is
+  # the forward plus one layer; measured 1.06x (jax 0.10.2). A perturbation tree would be 2x.
+  assert _total_bytes(compiled) <= forward + 1.5 * largest_leaf, (
+    _total_bytes(compiled) / MiB,
+    forward / MiB,
+  )
+  assert _total_bytes(compiled) <= 1.1 * forward
+  # The same check fails for the naive step (whole perturbation trees): the test can see a leak.
+  naive = jax.jit(_naive_spsa_step(loss_on), donate_argnums=(0,))
+  naive_total = _total_bytes(naive.lower(params, jax.random.key(0), x, y).compile())
+  assert naive_total > 1.5 * forward, (naive_total / MiB, forward / MiB)
+
+
+def _equation_count(fn, *args) -> int:
+  return sum(1 for _ in testing.jaxpr_equations(jax.make_jaxpr(fn)(*args)))
+
+
+@pytest.mark.parametrize(
+  ("make", "num_directions"),
+  [
+    (lambda: fgjax.estimators.spsa(1), 1),
+    (lambda: fgjax.estimators.spsa(4, chunk_size=1), 4),
+    (lambda: fgjax.estimators.spsa(2, central=False), 2),
+    (lambda: fgjax.estimators.jvp(1), 1),
+    (lambda: fgjax.estimators.jvp(4, chunk_size=2), 4),
+  ],
+  ids=["spsa_K1", "spsa_K4_seq", "spsa_one_sided", "jvp_K1", "jvp_K4_chunk2"],
+)
+def test_step_jaxpr_grows_linearly_with_depth(make, num_directions):
+  # Width 256: each kernel (65 k elements) is drawn on its own, the biases in one group.
+  step, forward = {}, {}
+  for depth in (2, 4, 8):
+    loss_on, params, x, y = _problem(depth=depth, width=256, batch=2)
+    opt, train_step = _train_step(make(), loss_on)
+    state = jax.eval_shape(opt.init, params)
+    step[depth] = _equation_count(train_step, params, state, x, y)
+    forward[depth] = _equation_count(loss_on, params, x, y)
+  per_layer = (step[4] - step[2]) / 2
+  # Linear: the 4 layers from depth 4 to 8 add twice what the 2 from 2 to 4 add (up to a few
+  # equations of bookkeeping), never more.
+  assert step[8] - step[4] <= 2 * (step[4] - step[2]) + 4, step
+  # And a layer of the step costs a bounded multiple of a layer of the forward: the replay emits
+  # each forward equation once per traced pass (the ±ε passes are one loop body), plus a fixed
+  # number per perturbed leaf and direction (its draw). Measured (jax 0.10.2): 23.5x the
+  # forward's 6 equations per layer at K = 1, 55x at K = 4 (issue 15: 66x and 191x before).
+  forward_per_layer = (forward[4] - forward[2]) / 2
+  assert per_layer <= (24 + 12 * num_directions) * forward_per_layer, (step, forward)
