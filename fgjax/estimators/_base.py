@@ -95,6 +95,9 @@ def map_directions(fn: Callable, keys: jax.Array, chunk_size: int):
     return jax.tree.map(lambda x: jnp.expand_dims(x, 0), fn(keys[0]))
   if chunk_size >= keys.shape[0]:
     return jax.vmap(fn)(keys)
+  if chunk_size == 1:
+    # Not `batch_size=1`: lax.map vmaps each batch, even of one, which would batch every weight.
+    return jax.lax.map(fn, keys)
   return jax.lax.map(fn, keys, batch_size=chunk_size)
 
 
