@@ -199,11 +199,15 @@ SMALL_LEAF = 1 << 14
 
 
 def small_leaves(leaves, selected) -> tuple[int, ...]:
-  """Indices of the selected leaves that are drawn in one group (at most SMALL_LEAF elements)."""
+  """Indices of the selected float leaves drawn in one group (at most SMALL_LEAF elements).
+
+  Integer (fixed-point) leaves keep their own draw: their moves are saturated on the grid and
+  held in their own dtype, where a float group would add a float32 copy of each.
+  """
   return tuple(
     i
     for i, (leaf, on) in enumerate(zip(leaves, selected, strict=True))
-    if on and 0 < jnp.size(leaf) <= SMALL_LEAF
+    if on and not is_integer(leaf) and 0 < jnp.size(leaf) <= SMALL_LEAF
   )
 
 
@@ -220,9 +224,7 @@ def grouped_directions(seeds: jax.Array, indices, leaves, distribution: str) -> 
   seed = jnp.concatenate(
     [jnp.broadcast_to(seeds[i], (size,)) for i, size in zip(indices, sizes, strict=True)]
   )
-  # One small buffer: without the barrier XLA fuses the whole group's draw into the fusion of
-  # every leaf that reads a slice of it, and compiling those made deep models slow to compile.
-  z = jax.lax.optimization_barrier(_from_bits(_mix32(jnp.asarray(within) ^ seed), distribution))
+  z = _from_bits(_mix32(jnp.asarray(within) ^ seed), distribution)
   out, offset = {}, 0
   for i, size in zip(indices, sizes, strict=True):
     leaf = leaves[i]
