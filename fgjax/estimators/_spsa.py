@@ -62,15 +62,10 @@ class SPSA:
     if self.central:
 
       def one_direction(k):
-        # The +ε and -ε passes are one 2-step loop: the forward is traced and compiled once, and
-        # XLA reuses one set of buffers for both. The key of the second step depends on the first
-        # step's loss (carried), so no draw is loop-invariant and hoisted out of the loop.
-        def step(previous, scale):
-          value = loss_moved(_perturbation.tie(k, previous), scale)
-          return value.astype(jnp.float32), value
-
-        scales = jnp.array([eps, -eps], jnp.float32)
-        _, (loss_plus, loss_minus) = jax.lax.scan(step, jnp.zeros((), jnp.float32), scales)
+        # Two traced passes, not a 2-step scan: measured on ResNet-18 (issue 15), a scan body made
+        # XLA hold 18 MiB more (temp 101 vs 83 MiB); the second pass waits for the first's loss.
+        loss_plus = loss_moved(k, eps)
+        loss_minus = loss_moved(_perturbation.tie(k, loss_plus), -eps)
         return loss_plus, loss_minus
 
       plus, minus = _base.map_directions(one_direction, keys, chunk)

@@ -94,10 +94,9 @@ def test_both_spsa_forward_calls_run_integer_matmuls(name, planes):
   # The matmuls of the network contract the activation's features; the others are the float
   # outer products of the activation and weight scales, which contract an axis of size 1.
   matmuls = [dtypes for _, dtypes, shape in found if shape[-1] > 1]
-  # Central SPSA: two forward calls per direction, traced once: the directions share one loop
-  # body and so do the +ε and -ε calls (a 2-step scan); two layers, each an int8 x int8 -> int32
-  # product per plane of the weight (16 bits: high, low, ones).
-  assert len(matmuls) == 2 * planes
+  # Central SPSA: two forward calls per direction (the directions share one loop body), two layers,
+  # each an int8 x int8 -> int32 product per plane of the weight (16 bits: high, low, ones).
+  assert len(matmuls) == 2 * 2 * planes
   assert all(dtypes == ("int8", "int8", "int32") for dtypes in matmuls)
 
 
