@@ -344,7 +344,7 @@ def combine(folders: list[str], doc: pathlib.Path) -> str:
   Episodes of the same backbone, setting and row are pooled across runs, so seeds run in
   separate processes make one row. Returns the table.
   """
-  records, commands, backbones, settings = [], [], [], []
+  records, commands, backbones, settings, seen = [], [], [], [], set()
   for folder in folders:
     folder = pathlib.Path(folder)
     if (folder / "meta.json").exists():
@@ -365,8 +365,10 @@ def combine(folders: list[str], doc: pathlib.Path) -> str:
     for line in lines:
       group = (line["backbone"], line["setting"], line["row"])
       full = max(n for g, n in counts.items() if g[:2] == group[:2])
-      if counts[group] < full:
-        continue  # A row cut short.
+      episode = (*group, line["seed"], line["episode"])
+      if counts[group] < full or episode in seen:
+        continue  # A row cut short, or an episode another run already reported (same result).
+      seen.add(episode)
       record = {key: line[key] for key in ("backbone", "setting", "row")}
       record["seed"] = int(line["seed"])
       for key in ("zero_shot", "accuracy", "final_loss"):
