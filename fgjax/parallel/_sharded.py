@@ -28,7 +28,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fgjax.estimators import _base, _lazy, _perturbation
@@ -45,6 +45,7 @@ class Sharded:
   mesh: Mesh
   directions_axis: str | None = "directions"
   data_axis: str | None = "data"
+  param_specs: object = None
 
   def __call__(self, loss_fn, params, *args, key=None, **kwargs) -> _base.Estimate:
     manual = tuple(a for a in (self.directions_axis, self.data_axis) if a is not None)
@@ -85,7 +86,7 @@ class Sharded:
           rows["value"] = value
       return _finish(self.estimator, problem, rows, all_keys)
 
-    return jax.shard_map(
+    estimate = jax.shard_map(
       local,
       mesh=self.mesh,
       in_specs=(P(), keys_spec, P(), args_spec, P()),
@@ -93,6 +94,17 @@ class Sharded:
       axis_names=set(manual),
       check_vma=False,
     )(params, keys, keys, args, kwargs)
+    if self.param_specs is None:
+      return estimate
+    # The estimate takes the parameters' sharding: each device combines only its shard (the draw
+    # is elementwise in the global index), instead of a replicated parameter-sized gradient.
+    shardings = jax.tree.map(
+      lambda spec: NamedSharding(self.mesh, spec),
+      self.param_specs,
+      is_leaf=lambda x: isinstance(x, P),
+    )
+    grads = jax.lax.with_sharding_constraint(estimate.grads, shardings)
+    return estimate._replace(grads=grads)
 
 
 def _pmean(x, axis):
@@ -184,6 +196,7 @@ def sharded(
   *,
   directions_axis: str | None = "directions",
   data_axis: str | None = "data",
+  param_specs=None,
 ) -> Sharded:
   r"""`estimator` with its K directions and its batch split over the axes of a device mesh.
 
@@ -200,8 +213,10 @@ def sharded(
   `backprop` (the baseline) all-reduces its parameter-sized gradient instead.
 
   Parameters may be replicated or sharded FSDP-style over mesh axes other than these two (put them
-  with `jax.device_put(params, NamedSharding(mesh, spec))`): those axes stay automatic (GSPMD), the
-  draw, perturbation and combine being elementwise, each shard computes its own part.
+  with `jax.device_put(params, NamedSharding(mesh, spec))`, and pass the same specs as
+  `param_specs`): those axes stay automatic (GSPMD); the draw, perturbation and combine being
+  elementwise in each element's global index, each device computes its own shard of the
+  perturbation and of the estimate, and no parameter-sized array is gathered to perturb.
 
   Args:
     estimator: `fgjax.estimators.spsa`, `jvp` or `backprop` (data axis only).
@@ -212,6 +227,9 @@ def sharded(
       the parameters is split along its leading dimension (which must divide by the axis size);
       keyword arguments are replicated. The loss must be a mean over the batch for the estimate
       to equal the single-device one.
+    param_specs: for sharded parameters, a pytree of `PartitionSpec`s like the parameters (over
+      axes other than the two above); the estimate's leaves get the same sharding. None: the
+      estimate is replicated.
 
   Returns:
     An estimator with the same interface: `est(loss_fn, params, *args, key=key) -> Estimate`,
@@ -243,4 +261,4 @@ def sharded(
         f"num_directions={estimator.num_directions} must divide by the {directions_axis!r} axis "
         f"size {size}."
       )
-  return Sharded(estimator, mesh, directions_axis, data_axis)
+  return Sharded(estimator, mesh, directions_axis, data_axis, param_specs)

@@ -116,3 +116,15 @@ def test_make_estimator_mesh_hook():
   assert isinstance(fgjax.training.make_estimator(config), fgjax.estimators.SPSA)
   with pytest.raises(ValueError, match="directions"):
     fgjax.training.make_estimator(config, mesh="data=1")
+
+
+def test_sharded_parameters_stay_sharded(report):
+  # FSDP-style parameters over a 'model' axis of 4: the estimate keeps their sharding, each device
+  # outputs a quarter of it, and the bytes communicated are K scalars whatever the model size.
+  small, large = report["fsdp"]["64"], report["fsdp"]["640"]
+  for case in (small, large):
+    assert case["grads_sharded"], case
+    assert case["bytes"] <= 64 * 8 + 4, case
+    # The rest of the output (loss, K derivatives, metrics) is a few scalars.
+    assert case["output_bytes_per_device"] <= case["params_bytes"] / 4 + 256, case
+  assert large["bytes"] == small["bytes"]
