@@ -119,16 +119,28 @@ def _local_rows(estimator, problem: _base.Problem, loss, keys) -> dict:
   """This device's directions: per-direction losses and derivatives (the estimators' forward part).
 
   The same computation as `SPSA.__call__` / `JVP.__call__` up to the combine step, on a slice of
-  the keys.
+  the keys: keep the two in step (the worker test compares them on every estimator change).
   """
   chunk = _base.resolve_chunk_size(estimator.chunk_size, keys.shape[0])
+  streams = range(len(problem.leaves))
+  small = _perturbation.small_leaves(problem.leaves, problem.trainable)
+  distribution = estimator.distribution
   if isinstance(estimator, JVP):
 
     def one_direction(k):
       def loss_along(t):
+        seeds = _perturbation.leaf_seeds(k, streams)
+        grouped = {}
+        if small:
+          leaves = tuple(problem.leaves[i] for i in small)
+          tangents = _perturbation.with_tangents(leaves, t, seeds, small, distribution)
+          grouped = dict(zip(small, tangents, strict=True))
+
         def replace(index, leaf, tie):
-          key = _perturbation.tie(k, tie)
-          return _perturbation.with_tangent(leaf, t, key, index, estimator.distribution), tie
+          if index in grouped:
+            return grouped[index], tie
+          seed, flag = _perturbation.tie_seed(seeds[index], tie)
+          return _perturbation.with_tangent_seeded(leaf, t, seed, flag, distribution), tie
 
         return _lazy.call_with_replaced_leaves(loss, problem.leaves, problem.trainable, replace)
 
@@ -140,19 +152,32 @@ def _local_rows(estimator, problem: _base.Problem, loss, keys) -> dict:
   eps = estimator.epsilon
 
   def loss_moved(k, scale):
+    seeds = _perturbation.leaf_seeds(k, streams)
+    grouped = _perturbation.grouped_directions(seeds, small, problem.leaves, distribution)
+    moved_small = {
+      i: _perturbation.move(problem.leaves[i], z, scale, problem.grid_scales[i])
+      for i, z in grouped.items()
+    }
+
     def replace(index, leaf, tie):
-      key = _perturbation.tie(k, tie)
-      grid = problem.grid_scales[index]
-      moved = _perturbation.perturb_leaf(index, leaf, key, scale, estimator.distribution, grid)
-      return moved, tie
+      if index in moved_small:
+        return moved_small[index], tie
+      seed, flag = _perturbation.tie_seed(seeds[index], tie)
+      z = _perturbation.direction_from_seed(seed, leaf, distribution, flag)
+      return _perturbation.move(leaf, z, scale, problem.grid_scales[index], flag), tie
 
     return _lazy.call_with_replaced_leaves(loss, problem.leaves, problem.trainable, replace)
 
   if estimator.central:
 
     def one_direction(k):
-      loss_plus = loss_moved(k, eps)
-      loss_minus = loss_moved(_perturbation.tie(k, loss_plus), -eps)
+      # As in SPSA.__call__: the ±ε passes as one 2-step loop (one compiled forward).
+      def step(previous, scale):
+        value = loss_moved(_perturbation.tie(k, previous), scale)
+        return value.astype(jnp.float32), value
+
+      scales = jnp.array([eps, -eps], jnp.float32)
+      _, (loss_plus, loss_minus) = jax.lax.scan(step, jnp.zeros((), jnp.float32), scales)
       return loss_plus, loss_minus
 
     plus, minus = _base.map_directions(one_direction, keys, chunk)
@@ -229,7 +254,8 @@ def sharded(
       to equal the single-device one.
     param_specs: for sharded parameters, a pytree of `PartitionSpec`s like the parameters (over
       axes other than the two above); the estimate's leaves get the same sharding. None: the
-      estimate is replicated.
+      estimate is replicated. Shard only leaves above 16,384 elements: the estimators draw smaller
+      ones as one concatenated group, which XLA reshuffles across devices when they are sharded.
 
   Returns:
     An estimator with the same interface: `est(loss_fn, params, *args, key=key) -> Estimate`,

@@ -102,11 +102,13 @@ def main():
       "derivatives": 0.0,
     }
   # FSDP: perturbation and estimate shard-local. An elementwise loss, so that the model itself
-  # needs no communication; directions vmapped, so that no collective sits inside a loop.
+  # needs no communication; directions vmapped, so that no collective sits inside a loop. Leaves
+  # above _perturbation.SMALL_LEAF elements: smaller ones are drawn as one concatenated group
+  # (issue 15), which XLA reshuffles across devices when they are sharded (docs/distributed.md).
   mesh = parallel.make_mesh("directions=2,model=4")
   specs = {"w": P("model", None), "v": P(None, "model")}
   report["fsdp"] = {}
-  for width in (64, 640):
+  for width in (320, 3200):
     p = {"w": jnp.zeros((width, 64)), "v": jnp.zeros((64, width))}
     placed = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in p.items()}
     est = parallel.sharded(

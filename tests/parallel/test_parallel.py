@@ -121,7 +121,7 @@ def test_make_estimator_mesh_hook():
 def test_sharded_parameters_stay_sharded(report):
   # FSDP-style parameters over a 'model' axis of 4: the estimate keeps their sharding, each device
   # outputs a quarter of it, and the bytes communicated are K scalars whatever the model size.
-  small, large = report["fsdp"]["64"], report["fsdp"]["640"]
+  small, large = report["fsdp"]["320"], report["fsdp"]["3200"]
   for case in (small, large):
     assert case["grads_sharded"], case
     assert case["bytes"] <= 64 * 8 + 4, case
