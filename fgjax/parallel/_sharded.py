@@ -171,13 +171,9 @@ def _local_rows(estimator, problem: _base.Problem, loss, keys) -> dict:
   if estimator.central:
 
     def one_direction(k):
-      # As in SPSA.__call__: the ±ε passes as one 2-step loop (one compiled forward).
-      def step(previous, scale):
-        value = loss_moved(_perturbation.tie(k, previous), scale)
-        return value.astype(jnp.float32), value
-
-      scales = jnp.array([eps, -eps], jnp.float32)
-      _, (loss_plus, loss_minus) = jax.lax.scan(step, jnp.zeros((), jnp.float32), scales)
+      # As in SPSA.__call__: two traced passes, the second waits for the first's loss.
+      loss_plus = loss_moved(k, eps)
+      loss_minus = loss_moved(_perturbation.tie(k, loss_plus), -eps)
       return loss_plus, loss_minus
 
     plus, minus = _base.map_directions(one_direction, keys, chunk)
@@ -254,8 +250,9 @@ def sharded(
       to equal the single-device one.
     param_specs: for sharded parameters, a pytree of `PartitionSpec`s like the parameters (over
       axes other than the two above); the estimate's leaves get the same sharding. None: the
-      estimate is replicated. Shard only leaves above 16,384 elements: the estimators draw smaller
-      ones as one concatenated group, which XLA reshuffles across devices when they are sharded.
+      estimate is replicated. With `_perturbation.GROUP_SMALL_LEAVES` on, shard only leaves above
+      16,384 elements: smaller ones are then drawn as one concatenated group, which XLA reshuffles
+      across devices when they are sharded.
 
   Returns:
     An estimator with the same interface: `est(loss_fn, params, *args, key=key) -> Estimate`,
