@@ -2,7 +2,7 @@
 
 Chen et al. ("Stepping Forward on the Last Mile", NeurIPS 2024) picture how forward gradients move
 through the loss landscape: smaller, more cautious steps than backprop, and 8-bit weights that fail
-to converge. This script draws that picture on the setup of `scripts/fixed_point_study.py` (an MLP
+to converge. This script draws that picture on this setup (an MLP
 64-128-64-10 pretrained on 1,000 upright scikit-learn digits, the kernels of `dense_1` and `head`
 adapted on 400 digits rotated by 30°, tested on 397 others) for four runs, each through
 `fgjax.training.make_optimizer` (the binaries' path):

@@ -11,18 +11,21 @@ or one run at a time:
   python -m experiments.main --config=experiments/configs/digits_demo.py \
     --workdir=/tmp/digits/spsa --config.mode=adapt --config.adapt.pretrained=/tmp/digits/pre
 
-Runtime: `time python -m experiments.demo --workdir=/tmp/final/demo` took 65 s wall (43 s user)
-on 2 CPU cores (commit 7afe999); most of it is start-up and XLA compilation.
+Runtime: 20 to 22 s wall per seed on 2 idle CPU cores (seeds 0, 1, 2, timed by
+`scripts/readme_results.py --tasks=digits` on the 2026-12-02 release); most of it is start-up and
+XLA compilation.
 
-Result (seeds 0, 1, 2: `python -m experiments.demo --config.seed=<seed>`; the sign-m-SPSA
-run on 12d2d06; docs/results/readme.md). Accuracy on the rotated test digits, mean ± std over
-the seeds; memory is XLA's estimate for one training step (temp / total KiB), beside a backprop
-step on the same model and precision:
+Result (seeds 0, 1, 2: `python -m experiments.demo --config.seed=<seed>`, run by
+`scripts/readme_results.py --tasks=digits --seeds=0,1,2` on the release code;
+docs/results/readme.md).
+Accuracy on the rotated test digits, mean ± std over the seeds; memory is XLA's estimate for one
+training step (temp / total KiB), beside a backprop step on the same model and precision:
   pretrain, backprop, float32:        zero-shot 47.2 ± 4.3 %, 600 steps, 600 fwd + 600 bwd
-  sign-m-SPSA K=4, w16a8 int weights: adapted 81.1 ± 3.9 % (83.8, 82.9, 76.6), 800 steps,
-                                      6400 fwd, 700 / 736 KiB (backprop at w16a8: 1686 / 1748 KiB)
+  sign-m-SPSA K=4, w16a8 int weights: adapted 79.8 ± 1.3 % (79.3, 81.3, 78.7), 800 steps,
+                                      6400 fwd, 665 / 701 KiB (backprop at w16a8: 1634 / 1696 KiB)
   backprop, float32 (reference):      adapted 92.4 ± 0.6 % (91.9, 92.1, 93.1), 800 steps,
                                       800 fwd + 800 bwd, 1438 / 1500 KiB
+Expect each figure within about two std of these means on another machine.
 Sign-m-SPSA adapts the integer kernels and the float biases, in weight units.
 """
 
