@@ -32,6 +32,26 @@ class JVP:
         )
     loss = _base.scalar_loss(loss_fn, problem.to_tree, *args, **kwargs)
 
+    one_direction = self.direction_fn(problem, loss)
+    keys = jax.random.split(key, self.num_directions)
+    chunk = _base.resolve_chunk_size(self.chunk_size, self.num_directions)
+    if chunk >= self.num_directions and self.num_directions > 1:
+      value, derivatives = jax.vmap(one_direction, out_axes=(None, 0))(keys)
+    else:
+      values, derivatives = _base.map_directions(one_direction, keys, chunk)
+      value = values[0]
+    # Directions are drawn again after the forward pass (see spsa), so none is held across it.
+    keys = jax.vmap(_perturbation.tie, in_axes=(0, None))(keys, derivatives)
+    grads = _base.combine(problem, derivatives, keys, 1.0, self.distribution)
+    zero = derivatives == 0
+    return _base.Estimate(value, grads, _base.health_metrics(derivatives, zero))
+
+  def direction_fn(self, problem: _base.Problem, loss):
+    """`k -> (L(w), ∇L·z_k)`: one jvp along key k's direction, as `__call__` maps it over keys.
+
+    `fgjax.parallel` maps it over each device's share of the keys, so the sharded and the
+    single-device estimates run the same code.
+    """
     streams = range(len(problem.leaves))
     small = _perturbation.small_leaves(problem.leaves, problem.trainable)
 
@@ -57,18 +77,7 @@ class JVP:
       # The primal does not depend on k: under vmap it is computed once, only tangents are batched.
       return jax.jvp(loss_along, (jnp.zeros((), jnp.float32),), (jnp.ones((), jnp.float32),))
 
-    keys = jax.random.split(key, self.num_directions)
-    chunk = _base.resolve_chunk_size(self.chunk_size, self.num_directions)
-    if chunk >= self.num_directions and self.num_directions > 1:
-      value, derivatives = jax.vmap(one_direction, out_axes=(None, 0))(keys)
-    else:
-      values, derivatives = _base.map_directions(one_direction, keys, chunk)
-      value = values[0]
-    # Directions are drawn again after the forward pass (see spsa), so none is held across it.
-    keys = jax.vmap(_perturbation.tie, in_axes=(0, None))(keys, derivatives)
-    grads = _base.combine(problem, derivatives, keys, 1.0, self.distribution)
-    zero = derivatives == 0
-    return _base.Estimate(value, grads, _base.health_metrics(derivatives, zero))
+    return one_direction
 
 
 def jvp(

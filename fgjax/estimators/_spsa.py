@@ -35,8 +35,31 @@ class SPSA:
     loss = _base.scalar_loss(loss_fn, problem.to_tree, *args, **kwargs)
     eps = self.epsilon
     keys = jax.random.split(key, self.num_directions)
-    chunk = _base.resolve_chunk_size(self.chunk_size, self.num_directions)
+    plus, minus = self.directional_losses(problem, loss, keys)
+    value = jnp.mean((plus + minus) / 2) if self.central else minus[0]
+    derivatives = (plus - minus) / ((2.0 if self.central else 1.0) * eps)
+    coefficients = jnp.sign(derivatives) if self.sign else derivatives
+    grads = _base.combine(
+      problem,
+      coefficients,
+      # Regenerated after the forward calls (never merged with their draws by XLA's CSE).
+      jax.vmap(_perturbation.tie, in_axes=(0, None))(keys, derivatives),
+      eps,
+      self.distribution,
+      scale=self.sign_scale if self.sign else 1.0,
+      central=self.central,
+    )
+    return _base.Estimate(value, grads, _base.health_metrics(derivatives, plus == minus))
 
+  def directional_losses(self, problem: _base.Problem, loss, keys) -> tuple[jax.Array, jax.Array]:
+    """The forward calls along each key's direction: `(plus, minus)`, one entry per key.
+
+    Central: `plus_k = L(w + ε z_k)`, `minus_k = L(w − ε z_k)`. One-sided: `plus_k = L(w + ε z_k)`
+    and `minus` is `L(w)` repeated. `fgjax.parallel` calls it on each device's share of the keys,
+    so the sharded and the single-device estimates run the same code.
+    """
+    eps = self.epsilon
+    chunk = _base.resolve_chunk_size(self.chunk_size, keys.shape[0])
     streams = range(len(problem.leaves))
     small = _perturbation.small_leaves(problem.leaves, problem.trainable)
 
@@ -68,27 +91,10 @@ class SPSA:
         loss_minus = loss_moved(_perturbation.tie(k, loss_plus), -eps)
         return loss_plus, loss_minus
 
-      plus, minus = _base.map_directions(one_direction, keys, chunk)
-      value = jnp.mean((plus + minus) / 2)
-    else:
-      value = loss(problem.leaves)
-      plus = _base.map_directions(
-        lambda k: loss_moved(_perturbation.tie(k, value), eps), keys, chunk
-      )
-      minus = jnp.broadcast_to(value, plus.shape)
-    derivatives = (plus - minus) / ((2.0 if self.central else 1.0) * eps)
-    coefficients = jnp.sign(derivatives) if self.sign else derivatives
-    grads = _base.combine(
-      problem,
-      coefficients,
-      # Regenerated after the forward calls (never merged with their draws by XLA's CSE).
-      jax.vmap(_perturbation.tie, in_axes=(0, None))(keys, derivatives),
-      eps,
-      self.distribution,
-      scale=self.sign_scale if self.sign else 1.0,
-      central=self.central,
-    )
-    return _base.Estimate(value, grads, _base.health_metrics(derivatives, plus == minus))
+      return _base.map_directions(one_direction, keys, chunk)
+    value = loss(problem.leaves)
+    plus = _base.map_directions(lambda k: loss_moved(_perturbation.tie(k, value), eps), keys, chunk)
+    return plus, jnp.broadcast_to(value, plus.shape)
 
 
 def spsa(

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fgjax.estimators import _base, _lazy, _perturbation
+from fgjax.estimators import _base, _perturbation
 from fgjax.estimators._backprop import Backprop
 from fgjax.estimators._jvp import JVP
 from fgjax.estimators._spsa import SPSA
@@ -118,71 +118,18 @@ def _scales(estimator):
 def _local_rows(estimator, problem: _base.Problem, loss, keys) -> dict:
   """This device's directions: per-direction losses and derivatives (the estimators' forward part).
 
-  The same computation as `SPSA.__call__` / `JVP.__call__` up to the combine step, on a slice of
-  the keys: keep the two in step (the worker test compares them on every estimator change).
+  The estimators' own code (`SPSA.directional_losses`, `JVP.direction_fn`) on a slice of the keys.
   """
   chunk = _base.resolve_chunk_size(estimator.chunk_size, keys.shape[0])
-  streams = range(len(problem.leaves))
-  small = _perturbation.small_leaves(problem.leaves, problem.trainable)
-  distribution = estimator.distribution
   if isinstance(estimator, JVP):
-
-    def one_direction(k):
-      def loss_along(t):
-        seeds = _perturbation.leaf_seeds(k, streams)
-        grouped = {}
-        if small:
-          leaves = tuple(problem.leaves[i] for i in small)
-          tangents = _perturbation.with_tangents(leaves, t, seeds, small, distribution)
-          grouped = dict(zip(small, tangents, strict=True))
-
-        def replace(index, leaf, tie):
-          if index in grouped:
-            return grouped[index], tie
-          seed, flag = _perturbation.tie_seed(seeds[index], tie)
-          return _perturbation.with_tangent_seeded(leaf, t, seed, flag, distribution), tie
-
-        return _lazy.call_with_replaced_leaves(loss, problem.leaves, problem.trainable, replace)
-
-      return jax.jvp(loss_along, (jnp.zeros((), jnp.float32),), (jnp.ones((), jnp.float32),))
-
-    values, derivatives = _base.map_directions(one_direction, keys, chunk)
+    values, derivatives = _base.map_directions(estimator.direction_fn(problem, loss), keys, chunk)
     return {"value": values[0], "derivatives": derivatives}
-
-  eps = estimator.epsilon
-
-  def loss_moved(k, scale):
-    seeds = _perturbation.leaf_seeds(k, streams)
-    grouped = _perturbation.grouped_directions(seeds, small, problem.leaves, distribution)
-    moved_small = {
-      i: _perturbation.move(problem.leaves[i], z, scale, problem.grid_scales[i])
-      for i, z in grouped.items()
-    }
-
-    def replace(index, leaf, tie):
-      if index in moved_small:
-        return moved_small[index], tie
-      seed, flag = _perturbation.tie_seed(seeds[index], tie)
-      z = _perturbation.direction_from_seed(seed, leaf, distribution, flag)
-      return _perturbation.move(leaf, z, scale, problem.grid_scales[index], flag), tie
-
-    return _lazy.call_with_replaced_leaves(loss, problem.leaves, problem.trainable, replace)
-
+  plus, minus = estimator.directional_losses(problem, loss, keys)
   if estimator.central:
-
-    def one_direction(k):
-      # As in SPSA.__call__: two traced passes, the second waits for the first's loss.
-      loss_plus = loss_moved(k, eps)
-      loss_minus = loss_moved(_perturbation.tie(k, loss_plus), -eps)
-      return loss_plus, loss_minus
-
-    plus, minus = _base.map_directions(one_direction, keys, chunk)
-    derivatives = (plus - minus) / (2.0 * eps)
     # The value is the mean over all K directions: computed from the gathered losses (see _finish).
-    return {"plus": plus, "minus": minus, "derivatives": derivatives}
-  value = loss(problem.leaves)
-  plus = _base.map_directions(lambda k: loss_moved(_perturbation.tie(k, value), eps), keys, chunk)
-  return {"value": value, "plus": plus, "derivatives": (plus - value) / eps}
+    return {"plus": plus, "minus": minus, "derivatives": (plus - minus) / (2.0 * estimator.epsilon)}
+  value = minus[0]
+  return {"value": value, "plus": plus, "derivatives": (plus - value) / estimator.epsilon}
 
 
 def _finish(estimator, problem: _base.Problem, rows: dict, keys) -> _base.Estimate:
