@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 import statistics
 
 import jax
@@ -196,3 +197,16 @@ def mean_std(values, scale: float = 100.0, digits: int = 1) -> str:
   if len(values) == 1:
     return f"{values[0]:.{digits}f}"
   return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def progress_log(workdir: pathlib.Path):
+  """Creates `workdir` and returns `log(message)`: printed and appended to `workdir/log.txt`."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  log_file = (workdir / "log.txt").open("a")
+
+  def log(message):
+    print(message, flush=True)
+    log_file.write(message + "\n")
+    log_file.flush()
+
+  return log

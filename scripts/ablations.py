@@ -161,13 +161,7 @@ def main():
   seeds = [int(s) for s in args.seeds.split(",")]
   groups = args.groups.split(",")
   workdir = pathlib.Path(args.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  log_file = (workdir / "log.txt").open("a")
-
-  def log(message):
-    print(message, flush=True)
-    log_file.write(message + "\n")
-    log_file.flush()
+  log = _study.progress_log(workdir)
 
   float_model = model_fn(None)
   pretrained, data = {}, {}

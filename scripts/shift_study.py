@@ -199,13 +199,7 @@ def main():
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   workdir = pathlib.Path(args.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  log_file = (workdir / "log.txt").open("a")
-
-  def log(message):
-    print(message, flush=True)
-    log_file.write(message + "\n")
-    log_file.flush()
+  log = _study.progress_log(workdir)
 
   sections = []
   command = "python scripts/shift_study.py " + " ".join(sys.argv[1:])
