@@ -176,7 +176,7 @@ def summary_table(summaries: list[dict]) -> str:
         precision += f", {s['rounding']}, {_pct(s['zero_update_rate'])} % zero updates"
       row = [
         s.get("name", "adapt"),
-        s["method"] + (f" K={s['num_directions']}" if s["method"] != "backprop" else ""),
+        s["method"] + _directions(s),
         precision,
         f"{s['trainable']} ({s['trainable_params']}/{s['total_params']})",
         f"{_pct(s['zero_shot_accuracy'])} (float {_pct(s['zero_shot_accuracy_float32'])})",
@@ -189,3 +189,12 @@ def summary_table(summaries: list[dict]) -> str:
       ]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
+
+
+def _directions(summary: dict) -> str:
+  """ " K=4", or the m schedule (" m 0:1,200:3"); nothing for backprop."""
+  if summary["method"] == "backprop":
+    return ""
+  if summary.get("m_schedule"):
+    return f" m {summary['m_schedule']}"
+  return f" K={summary['num_directions']}"

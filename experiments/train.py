@@ -100,6 +100,7 @@ def _backprop_reference_memory(plan: Plan, batch) -> dict | None:
   config = plan.config
   adapt = config.adapt.copy_and_resolve_references()
   adapt.method = "backprop"
+  adapt.m_schedule = ""  # Backprop has no directions to schedule.
   quant = None
   if adapt.precision != "float32":
     from fgjax import quant as fq
@@ -206,6 +207,7 @@ def run(plan: Plan, progress: reporting.Progress | None = None) -> dict:
     begin = time.time()
     skipped = 0
     moved = []  # fixed point: the fraction of integer weights each step moved (kept on device)
+    used_m = []  # m schedules: the m each step of this process used (kept on device)
     warned_saturation = False
     last_saved = plan.resume[0] if plan.resume else None
     last_eval = None
@@ -218,6 +220,8 @@ def run(plan: Plan, progress: reporting.Progress | None = None) -> dict:
       state, metrics = step_fn(state, batch)
       if "changed_fraction" in metrics:
         moved.append(metrics["changed_fraction"])
+      if "num_directions" in metrics:
+        used_m.append(metrics["num_directions"])
       done = step + 1
       if not bool(metrics["finite"]):
         if config.nonfinite == "stop":
@@ -291,14 +295,24 @@ def run(plan: Plan, progress: reporting.Progress | None = None) -> dict:
     summary.update(source_accuracy=source, target_zero_shot_accuracy=target)
   else:
     passes = training.forward_passes_per_step(config.adapt)
+    total_passes = {k: v * total_steps for k, v in passes.items()}
+    num_directions = int(config.adapt.num_directions)
+    if config.adapt.m_schedule:
+      # The m each step used (this process's steps; a resumed run counts only those).
+      ms = [int(m) for m in np.asarray(jax.device_get(used_m)).reshape(-1)]
+      per_step = [training.forward_passes_per_step(config.adapt, m) for m in ms]
+      total_passes = {k: sum(p[k] for p in per_step) for k in passes}
+      passes = {k: v / max(len(ms), 1) for k, v in total_passes.items()}  # The mean.
+      num_directions = ms[-1] if ms else num_directions
+      summary.update(m_schedule=config.adapt.m_schedule, num_directions_used=ms)
     summary.update(
       zero_shot_accuracy_float32=zero_shot_float["accuracy"],
       zero_shot_accuracy=zero_shot["accuracy"],
       adapted_accuracy=target,
       source_accuracy_after=source,
       passes_per_step=passes,
-      total_passes={k: v * total_steps for k, v in passes.items()},
-      num_directions=int(config.adapt.num_directions),
+      total_passes=total_passes,
+      num_directions=num_directions,
     )
     if moved:
       # The paper's w8a8 stall in one number: the share of steps x weights that did not move.

@@ -87,6 +87,35 @@ def _optimizer(config, section: str) -> None:
     _real(config, f"{section}.optimizer_kwargs.learning_rate", positive=True)
 
 
+def _m_schedule(config) -> None:
+  """`adapt.m_schedule` reads, fits its transform's rules, and has directions to schedule."""
+  from fgjax import estimators, training, transforms
+
+  text = _get(config, "adapt.m_schedule")
+  if text is not None and not isinstance(text, str):
+    raise ConfigError(f"--config.adapt.m_schedule={text!r}: must be a string such as '0:1,200:3'.")
+  try:
+    schedule = training.parse_m_schedule(text)
+  except ValueError as error:
+    raise ConfigError(f"--config.adapt.{error}") from None
+  if schedule is None:
+    return
+  if _get(config, "adapt.method") == "backprop":
+    raise ConfigError(
+      "--config.adapt.m_schedule: backprop has no directions to schedule; use jvp, spsa or "
+      "sign_spsa (or --config.adapt.m_schedule='')."
+    )
+  _int(config, "adapt.m_patience", minimum=1)
+  kind, values = schedule
+  try:  # The transforms' own checks (steps from 0 and increasing, m >= 1), on a stand-in.
+    if kind == "plateau":
+      transforms.num_directions_on_plateau(estimators.spsa(1), values)
+    else:
+      transforms.num_directions_schedule(estimators.spsa(1), values)
+  except ValueError as error:
+    raise ConfigError(f"--config.adapt.m_schedule={text!r}: {error}") from None
+
+
 def _writable_workdir(workdir: pathlib.Path) -> None:
   """The workdir, or the folder that will hold it, accepts new files (probed, as root ignores
   permission bits): a temporary folder is made and removed there."""
@@ -167,6 +196,7 @@ def validate(config, workdir) -> None:
     _int(config, "adapt.last_k", minimum=1)
     _int(config, "adapt.num_directions", minimum=1)
     _real(config, "adapt.epsilon", positive=True)
+    _m_schedule(config)
     _real(config, "adapt.sign_scale", positive=True)
     chunk = adapt.chunk_size
     if chunk not in ("auto", None) and not (_is_int(chunk) and chunk >= 1):

@@ -38,6 +38,8 @@ PyTree = Any
 TRAINABLE_SUBSETS = ("full", "linear_probe", "last_k", "prompts")
 METHODS = ("backprop", "jvp", "spsa", "sign_spsa")
 SCHEDULES = ("constant", "cosine", "linear")
+# Default patience of `m_schedule="plateau:..."` (steps without progress before m grows).
+M_PATIENCE = 50
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -176,11 +178,44 @@ def _make_estimator(config, mask, scales):
   raise ValueError(f"method: unknown {method!r}; valid: {', '.join(METHODS)}.")
 
 
-def forward_passes_per_step(config) -> dict[str, int]:
+def parse_m_schedule(text: str | None) -> tuple[str, tuple] | None:
+  """The number-of-directions schedule of `config.m_schedule`, parsed; None for "" (constant m).
+
+  Two spellings (issue 9: the paper's "nFold" schedule, from the binaries):
+
+  - "0:1,200:3,500:8": m by step, (step, m) pairs (`fgjax.num_directions_schedule`);
+    returns ("steps", ((0, 1), (200, 3), (500, 8))).
+  - "plateau:1,3,8": m moves to the next level when the smoothed loss stalls for
+    `config.m_patience` steps (`fgjax.num_directions_on_plateau`); returns ("plateau", (1, 3, 8)).
+
+  Raises:
+    ValueError: any other text (the pairs' own rules are checked by the transforms).
+  """
+  if text is None or not str(text).strip():
+    return None
+  text = str(text).strip()
+  try:
+    if text.startswith("plateau:"):
+      levels = tuple(int(v) for v in text[len("plateau:") :].split(","))
+      return "plateau", levels
+    pairs = []
+    for item in text.split(","):
+      step, m = item.split(":")
+      pairs.append((int(step), int(m)))
+    return "steps", tuple(pairs)
+  except ValueError:
+    raise ValueError(
+      f"m_schedule: can't read {text!r}; expected (step:m) pairs such as '0:1,200:3' or "
+      "'plateau:1,3,8'."
+    ) from None
+
+
+def forward_passes_per_step(config, num_directions: int | None = None) -> dict[str, int]:
   """Passes one step costs: backprop 1 forward + 1 backward; jvp K jvp passes (forward mode);
-  SPSA 2K forwards (central) or K + 1 (one-sided)."""
+  SPSA 2K forwards (central) or K + 1 (one-sided). `num_directions` overrides the config's K
+  (the m a scheduled step used)."""
   method = _get(config, "method", "backprop")
-  k = int(_get(config, "num_directions", 1))
+  k = int(_get(config, "num_directions", 1) if num_directions is None else num_directions)
   if method == "backprop":
     return {"forward": 1, "backward": 1, "jvp": 0}
   if method == "jvp":
@@ -213,7 +248,10 @@ def make_optimizer(
   leaves get `optax.set_to_zero()` (no optimizer state, no weight decay). With `forward=True` the
   chain starts with `fgjax.forward_gradient(make_estimator(config, mask), seed)`, and `update`
   needs `value_fn=`; with `forward=False` it takes ordinary gradients. `mesh` ("directions=4")
-  splits the estimator's directions over devices (`make_estimator`).
+  splits the estimator's directions over devices (`make_estimator`). `config.m_schedule`
+  ("0:1,200:3" or "plateau:1,3,8", see `parse_m_schedule`) replaces `forward_gradient` by
+  `fgjax.num_directions_schedule` / `fgjax.num_directions_on_plateau` (patience
+  `config.m_patience`), so the number of directions changes during the run.
 
   With `integer_weights=True` (fixed-point parameters) the chain is wrapped in
   `fgjax.integer_optimizer(chain, scales=scales, rounding=config.rounding, mask=mask)` (rounding
@@ -260,13 +298,27 @@ def make_optimizer(
     raise ValueError("scales: integer weights need their grid steps (fgjax.quant.leaf_scales).")
   if forward:
     estimator = make_estimator(config, mask, scales if integer_weights else None, mesh)
-    optimizer = optax.chain(fgjax.forward_gradient(estimator, seed), optimizer)
+    optimizer = optax.chain(_estimate(config, estimator, seed), optimizer)
   if integer_weights:
     rounding = _get(config, "rounding", "nearest") or "nearest"
     optimizer = fgjax.integer_optimizer(
       optimizer, scales=scales, rounding=rounding, seed=_rounding_seed(seed), mask=mask
     )
   return optimizer
+
+
+def _estimate(config, estimator, seed: int):
+  """The chain's first link: `forward_gradient`, or an m schedule (`config.m_schedule`)."""
+  schedule = parse_m_schedule(_get(config, "m_schedule", ""))
+  if schedule is None:
+    return fgjax.forward_gradient(estimator, seed)
+  if isinstance(estimator, fe.Backprop):
+    raise ValueError("m_schedule: backprop has no directions to schedule; use jvp or spsa.")
+  kind, values = schedule
+  if kind == "plateau":
+    patience = int(_get(config, "m_patience", M_PATIENCE))
+    return fgjax.num_directions_on_plateau(estimator, values, patience=patience, seed=seed)
+  return fgjax.num_directions_schedule(estimator, values, seed)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -285,7 +337,10 @@ def _find_state(opt_state, kind):
 
 
 def _forward_state(opt_state):
-  return _find_state(opt_state, fgjax.ForwardGradientState)
+  """The estimating link's state, wherever it sits in the chain: `forward_gradient`'s, or an m
+  schedule's (`NumDirectionsState`, which also holds the m of the last step)."""
+  kinds = (fgjax.ForwardGradientState, fgjax.transforms.NumDirectionsState)
+  return _find_state(opt_state, kinds)
 
 
 def train_step(
@@ -335,10 +390,17 @@ def train_step(
     )
     model_state = state.model_state
     forward_state = _forward_state(opt_state)
+    if forward_state is None:
+      raise ValueError(
+        "optimizer: adaptation needs an estimating link (fgjax.forward_gradient or an m "
+        "schedule) in the chain; see make_optimizer."
+      )
     metrics = {
       "loss": forward_state.value,
       "zero_difference_fraction": forward_state.metrics["zero_difference_fraction"],
     }
+    if "num_directions" in forward_state.metrics:  # An m schedule: the m this step used.
+      metrics["num_directions"] = forward_state.metrics["num_directions"]
   integer_state = _find_state(opt_state, fgjax.IntegerUpdatesState)
   if integer_state is not None:
     metrics["changed_fraction"] = integer_state.changed_fraction

@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.adapt.trainable = "full"  # full | linear_probe | last_k | prompts
   config.adapt.last_k = 1
   config.adapt.num_directions = 4  # K
+  # "" (constant K), "0:1,200:3" (m by step) or "plateau:1,3,8" (m grows when the loss stalls for
+  # m_patience steps); the schedule's m replaces K (fgjax.num_directions_schedule / _on_plateau).
+  config.adapt.m_schedule = ""
+  config.adapt.m_patience = 50
   config.adapt.epsilon = 1e-3  # float weights: weight units; integer weights: quantization steps
   config.adapt.central = True
   config.adapt.distribution = "rademacher"

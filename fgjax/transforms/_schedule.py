@@ -38,7 +38,8 @@ class NumDirectionsState(NamedTuple):
     step: steps taken so far (int32).
     level: index of the current m in the schedule's levels (int32).
     smoothed: bias-corrected exponential moving average of the loss (plateau schedule).
-    best: the lowest `smoothed` since the level last changed (plateau schedule).
+    best: the lowest `smoothed` since the level last changed (plateau schedule); the float32
+      maximum before the first step (not inf: checkpoints refuse non-finite states).
     since_best: steps since `best` last improved (plateau schedule).
     value: the loss the last estimate saw (`Estimate.value`).
     metrics: the last estimate's metrics, arrays padded to the largest level's shapes, plus
@@ -100,7 +101,7 @@ def _scheduled(estimator, levels, seed, next_level, name) -> optax.GradientTrans
       step=jnp.zeros((), jnp.int32),
       level=next_level.initial(),
       smoothed=jnp.zeros((), jnp.float32),
-      best=jnp.full((), jnp.inf, jnp.float32),
+      best=jnp.full((), jnp.finfo(jnp.float32).max, jnp.float32),
       since_best=jnp.zeros((), jnp.int32),
       value=base.value,
       metrics=metrics,
@@ -188,7 +189,7 @@ class _OnPlateau:
     raw = decay * state.smoothed * (1 - decay ** (count - 1)) + (1 - decay) * value
     smoothed = raw / (1 - decay**count)
     improved = smoothed < state.best - self.min_improvement * jnp.abs(state.best)
-    improved = improved | jnp.isinf(state.best)
+    improved = improved | (state.step == 1)  # The first step sets the best.
     best = jnp.where(improved, smoothed, state.best)
     since = jnp.where(improved, 0, state.since_best + 1)
     grow = (since >= self.patience) & (state.level < self.num_levels - 1)

@@ -227,3 +227,18 @@ def test_nonfinite_guard_costs_no_step_memory(pretrained):
   guarded_memory = training.memory_stats(guarded, plan.state, batch)
   assert guarded_memory["temp"] <= plain_memory["temp"] * 1.01 + 1024
   assert guarded_memory["total"] <= plain_memory["total"] * 1.01 + 1024
+
+
+def test_adaptation_runs_an_m_schedule(pretrained, tmp_path):
+  # Issue 9: `--config.adapt.m_schedule` reaches the binary's step (it used to find only
+  # ForwardGradientState); fixed-point sign-m-SPSA with m = 1, then m = 2 from step 1.
+  config = adapt_config(pretrained)
+  assert config.adapt.weight_storage == "integer"
+  config.adapt.m_schedule = "0:1,1:2"
+  summary = train.train_and_evaluate(config, str(tmp_path / "adapt"))
+  assert summary["num_directions_used"] == [1, 2]
+  assert summary["total_passes"]["forward"] == 2 * 1 + 2 * 2  # central SPSA: 2m per step
+  assert summary["m_schedule"] == "0:1,1:2"
+  records = [json.loads(line) for line in (tmp_path / "adapt" / "metrics.jsonl").open()]
+  assert [r["num_directions"] for r in records if "loss" in r] == [1, 2]
+  assert "m 0:1,1:2" in (tmp_path / "adapt" / "summary.md").read_text()

@@ -157,3 +157,39 @@ def test_train_step_adapts_with_spsa_and_keeps_the_rest():
   np.testing.assert_array_equal(state.params["dense_0"]["kernel"], before["dense_0"]["kernel"])
   assert not np.array_equal(state.params["head"]["kernel"], before["head"]["kernel"])
   assert isinstance(opt, optax.GradientTransformationExtraArgs)
+
+
+def test_train_step_runs_an_m_schedule_from_the_config():
+  """Issue 9: the step used to look only for ForwardGradientState, so an m schedule in the chain
+  (`config.m_schedule`) failed; now it runs and reports the m each step used."""
+  model = models.MLP(hidden_sizes=(8,), num_classes=3)
+  params = _params(model, (1, 4))
+  config = {
+    "method": "sign_spsa",
+    "epsilon": 1e-3,
+    "optimizer": "sgd",
+    "optimizer_kwargs": {"learning_rate": 0.01},
+    "m_schedule": "0:1,1:3",
+  }
+  opt = training.make_optimizer(config, seed=2)
+  state = training.TrainState.create(params, {}, opt, jax.random.key(0))
+  step = training.make_train_step(model, opt)
+  from fgjax.data._dataset import Batch
+
+  batch = Batch(x=np.ones((4, 4), np.float32), y=np.array([0, 1, 2, 0]))
+  used = []
+  for _ in range(2):
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = step(state, batch)
+    used.append(int(metrics["num_directions"]))
+    assert np.isfinite(float(metrics["loss"]))
+    assert not np.array_equal(state.params["head"]["kernel"], before["head"]["kernel"])
+  assert used == [1, 3]
+  plateau = training.make_optimizer({**config, "m_schedule": "plateau:1,2", "m_patience": 1})
+  assert plateau.init(params)[0].level.dtype == jnp.int32
+  assert training.parse_m_schedule("") is None
+  assert training.parse_m_schedule("plateau:1,3") == ("plateau", (1, 3))
+  with pytest.raises(ValueError, match="m_schedule"):
+    training.parse_m_schedule("1-3")
+  with pytest.raises(ValueError, match="backprop"):
+    training.make_optimizer({**config, "method": "backprop"})
