@@ -112,6 +112,20 @@ def parse_args(argv=None):
     help="learning rate per row kind (SGD, weight units)",
   )
   parser.add_argument("--image_size", type=int, default=28)
+  parser.add_argument(
+    "--compilation_cache",
+    default=None,
+    help="JAX persistent compilation cache folder: runs with the same episode shapes (another "
+    "seed range, a corruption, a rerun) reuse the compiled episode functions instead of "
+    "spending minutes compiling each row again",
+  )
+  parser.add_argument(
+    "--corruption",
+    default=None,
+    help="NAME:SEVERITY (fgjax.data.corrupt) applied to the support and queries of every episode: "
+    "a domain shift away from the clean pretraining characters; the setting is reported as "
+    "e.g. 5w1s+impulse_noise5",
+  )
   return parser.parse_args(argv)
 
 
@@ -167,12 +181,38 @@ def cached_pretrain(backbone: str, chars, classes, seed: int, args):
 
 def episodes_for(setting: str, chars, classes, runs, seed: int, args):
   if setting.startswith("lake"):
-    return [fewshot.episode_from_run(run) for run in runs[: args.lake_runs]]
-  ways, shots = SETTINGS[setting]
-  sampler = fewshot.EpisodeSampler(
-    chars.data, classes, num_ways=ways, num_shots=shots, num_queries=args.queries, seed=seed
+    episodes = [fewshot.episode_from_run(run) for run in runs[: args.lake_runs]]
+  else:
+    ways, shots = SETTINGS[setting]
+    sampler = fewshot.EpisodeSampler(
+      chars.data, classes, num_ways=ways, num_shots=shots, num_queries=args.queries, seed=seed
+    )
+    episodes = list(sampler.take(args.episodes))
+  return [shifted(episode, seed * 1000 + index, args) for index, episode in enumerate(episodes)]
+
+
+def shifted(episode, seed: int, args):
+  """`episode` with `--corruption` applied to its support and queries (a fixed draw per episode)."""
+  if not args.corruption:
+    return episode
+  name, severity = parse_corruption(args.corruption)
+  return episode._replace(
+    support_x=fdata.corrupt(episode.support_x, name, severity, seed=seed),
+    query_x=fdata.corrupt(episode.query_x, name, severity, seed=seed + 1),
   )
-  return list(sampler.take(args.episodes))
+
+
+def parse_corruption(text: str) -> tuple[str, int]:
+  name, severity = text.split(":")
+  return name, int(severity)
+
+
+def setting_label(setting: str, args) -> str:
+  """The setting's name in the tables: e.g. "5w1s", or "5w1s+impulse_noise5" with a corruption."""
+  if not args.corruption:
+    return setting
+  name, severity = parse_corruption(args.corruption)
+  return f"{setting}+{name}{severity}"
 
 
 def run(args) -> list[dict]:
@@ -205,6 +245,7 @@ def run(args) -> list[dict]:
         flush=True,
       )
     for setting in args.settings.split(","):
+      label = setting_label(setting, args)
       seeds = range(args.first_seed, args.first_seed + args.seeds)
       per_seed = [
         episodes_for(setting, chars, episode_classes, runs, 1000 + s, args) for s in seeds
@@ -234,14 +275,14 @@ def run(args) -> list[dict]:
           for index, episode in enumerate(episodes):
             result = learner(episode, seed=seed * 10_000 + index)
             episode_writer.writerow(
-              [backbone, setting, name, seed, index, result["zero_shot"], result["accuracy"]]
+              [backbone, label, name, seed, index, result["zero_shot"], result["accuracy"]]
               + [result["final_loss"]]
             )
             records.append(
-              {"backbone": backbone, "setting": setting, "row": name, "seed": seed, **result}
+              {"backbone": backbone, "setting": label, "row": name, "seed": seed, **result}
             )
         episode_file.flush()
-        done = [r for r in records if r["backbone"] == backbone and r["setting"] == setting]
+        done = [r for r in records if r["backbone"] == backbone and r["setting"] == label]
         mean = np.mean([r["accuracy"] for r in done if r["row"] == name])
         zero = np.mean([r["zero_shot"] for r in done if r["row"] == name])
         print(
@@ -251,7 +292,13 @@ def run(args) -> list[dict]:
           flush=True,
         )
   episode_file.close()
-  return summarize(records, rows, args)
+  return summarize(records, rows, labelled(args))
+
+
+def labelled(args) -> argparse.Namespace:
+  """The backbones and settings of `args` as the tables name them (see `setting_label`)."""
+  settings = ",".join(setting_label(s, args) for s in args.settings.split(","))
+  return argparse.Namespace(backbones=args.backbones, settings=settings)
 
 
 def _make(backbone, num_classes, quant, prompts=0):
@@ -306,6 +353,10 @@ def summarize(records, rows, args) -> list[dict]:
 def markdown_table(summary, args) -> str:
   settings = args.settings.split(",")
   labels = {"5w1s": "5-way 1-shot", "5w5s": "5-way 5-shot", "lake20w1s": "Lake 20-way 1-shot"}
+  for setting in settings:  # A domain shift, e.g. "5w1s+impulse_noise5".
+    base, _, shift = setting.partition("+")
+    if shift and base in labels:
+      labels[setting] = f"{labels[base]}, {shift}"
   lines = []
   for backbone in args.backbones.split(","):
     lines.append(
@@ -393,6 +444,9 @@ def main(argv=None):
   if args.combine:
     combine(args.combine.split(","), pathlib.Path(args.doc or "docs/results/fewshot.md"))
     return
+  if args.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   start = time.time()
   summary = run(args)
   elapsed = time.time() - start
@@ -401,7 +455,7 @@ def main(argv=None):
     writer = csv.DictWriter(file, fieldnames=list(summary[0]))
     writer.writeheader()
     writer.writerows(summary)
-  table = markdown_table(summary, args)
+  table = markdown_table(summary, labelled(args))
   (output / "table.md").write_text(table)
   meta = {
     "command": "python scripts/fewshot_study.py "

@@ -219,3 +219,33 @@ def test_omniglot_tfds_needs_tensorflow_and_says_so():
     pass
   with pytest.raises(ImportError, match="pip install"):
     fdata.omniglot_tfds("test", download=False)
+
+
+def _study_script():
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parents[2] / "scripts/fewshot_study.py"
+  spec = importlib.util.spec_from_file_location("fewshot_study", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_study_corruption_shifts_support_and_queries_only(toy_episode):
+  # The cross-domain setting: the same episode (classes, labels, shapes), images corrupted, the
+  # same draw on every call (so every row of a run meets the same shifted episode).
+  study = _study_script()
+  episode, _ = toy_episode
+  args = study.parse_args(["--corruption", "impulse_noise:5"])
+  first, again = study.shifted(episode, 7, args), study.shifted(episode, 7, args)
+  for name in ("support_x", "query_x"):
+    assert getattr(first, name).shape == getattr(episode, name).shape
+    assert not np.allclose(getattr(first, name), getattr(episode, name))
+    np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
+  np.testing.assert_array_equal(first.support_y, episode.support_y)
+  np.testing.assert_array_equal(first.query_y, episode.query_y)
+  assert study.setting_label("5w1s", args) == "5w1s+impulse_noise5"
+  clean = study.parse_args([])
+  assert study.shifted(episode, 7, clean) is episode
+  assert study.setting_label("5w1s", clean) == "5w1s"
