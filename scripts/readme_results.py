@@ -10,7 +10,8 @@ script resumes after an interruption and can be run task by task.
     --seeds=0,1,2 --out=docs/results/readme.md
 
 MNIST and FSDD need `FGJAX_DATA_DIR` (e.g. ../shared/data). `--fsdd_speakers=lucas,...` adds
-FSDD runs with other target speakers, and `--backprop_lr task=lr,...` sets the reference's rate.
+FSDD runs with other target speakers, `--backprop_lr task=lr,...` sets the reference's rate, and
+`--float_spsa` adds sign-m-SPSA on float32 weights (same ε, lr, K) beside the fixed-point run.
 """
 
 from __future__ import annotations
@@ -57,8 +58,23 @@ def _summary(workdir: pathlib.Path) -> dict | None:
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def run_task(task: str, seed: int, root: pathlib.Path, lr: float, speaker: str | None) -> dict:
-  """Pretrain + sign-m-SPSA + backprop for one (task, seed[, speaker]); returns the summaries."""
+FLOAT_FLAGS = [
+  "--config.adapt.precision=float32",
+  "--config.adapt.weight_storage=float",
+  "--config.adapt.rounding=nearest",
+]
+
+
+def run_task(
+  task: str,
+  seed: int,
+  root: pathlib.Path,
+  lr: float,
+  speaker: str | None,
+  float_spsa: bool = False,
+) -> dict:
+  """Pretrain + sign-m-SPSA (+ on float weights) + backprop for one (task, seed[, speaker]);
+  returns the summaries."""
   python = sys.executable
   config = CONFIGS[task]
   tag = f"seed{seed}" + (f"_{speaker}" if speaker else "")
@@ -89,7 +105,14 @@ def run_task(task: str, seed: int, root: pathlib.Path, lr: float, speaker: str |
       f"--config.adapt.optimizer_kwargs.learning_rate={lr}",
     ],
   }
-  folders = {"pretrain": "pre", "spsa": "spsa", "backprop": f"backprop_lr{lr:g}"}
+  if float_spsa:
+    runs["spsa_float"] = [*runs["spsa"], *FLOAT_FLAGS]
+  folders = {
+    "pretrain": "pre",
+    "spsa": "spsa",
+    "spsa_float": "spsa_float",
+    "backprop": f"backprop_lr{lr:g}",
+  }
   out["commands"] = []
   for name, flags in runs.items():
     workdir = base / folders[name]
@@ -114,25 +137,32 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(results: dict) -> str:
+  with_float = any("spsa_float" in r for per_seed in results.values() for r in per_seed.values())
+  float_head = "| sign-m-SPSA K=4, float32 " if with_float else ""
+  float_detail = " / sign-m-SPSA float32" if with_float else ""
   lines = [
     "| task (target) | seeds | zero-shot | backprop, float32 (lr) "
-    "| fixed-point sign-m-SPSA K=4, w16a8 | per seed: zero-shot / backprop / sign-m-SPSA |",
-    "|---|---|---|---|---|---|",
+    f"| fixed-point sign-m-SPSA K=4, w16a8 {float_head}"
+    f"| per seed: zero-shot / backprop / sign-m-SPSA w16a8{float_detail} |",
+    "|---|---|---|---|---|" + ("---|" if with_float else "") + "---|",
   ]
   for (task, speaker, lr), per_seed in results.items():
     seeds = sorted(per_seed)
     zero = [per_seed[s]["spsa"]["zero_shot_accuracy_float32"] for s in seeds]
-    spsa = [per_seed[s]["spsa"]["adapted_accuracy"] for s in seeds]
-    back = [per_seed[s]["backprop"]["adapted_accuracy"] for s in seeds]
+    columns = [
+      [(per_seed[s].get(run) or {}).get("adapted_accuracy") for s in seeds]
+      for run in ("backprop", "spsa", "spsa_float")
+    ]
+    if not with_float:
+      columns = columns[:2]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
     detail = "; ".join(
-      f"{100 * z:.1f} / {100 * b:.1f} / {100 * f:.1f}"
-      for z, b, f in zip(zero, back, spsa, strict=True)
+      " / ".join(pct(v) for v in values) for values in zip(zero, *columns, strict=True)
     )
     name = f"{task} ({speaker})" if speaker else task
-    lines.append(
-      f"| {name} | {','.join(map(str, seeds))} | {mean_std(zero)} | {mean_std(back)} (lr {lr:g}) "
-      f"| {mean_std(spsa)} | {detail} |"
-    )
+    cells = [mean_std(zero), f"{mean_std(columns[0])} (lr {lr:g})"]
+    cells += [mean_std(c) for c in columns[1:]]
+    lines.append(f"| {name} | {','.join(map(str, seeds))} | {' | '.join(cells)} | {detail} |")
   return "\n".join(lines)
 
 
@@ -143,6 +173,7 @@ def main(argv=None):
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--fsdd_speakers", default="")
   parser.add_argument("--backprop_lr", default="", help="task=lr,... (default: BACKPROP_LR)")
+  parser.add_argument("--float_spsa", action="store_true", help="also sign-m-SPSA in float32")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   rates = dict(BACKPROP_LR)
@@ -158,7 +189,9 @@ def main(argv=None):
     key = (task, speaker, rates[task])
     for seed in seeds:
       start = time.time()
-      results.setdefault(key, {})[seed] = run_task(task, seed, root, rates[task], speaker)
+      results.setdefault(key, {})[seed] = run_task(
+        task, seed, root, rates[task], speaker, args.float_spsa
+      )
       print(f"{task} {speaker or ''} seed {seed}: {time.time() - start:.0f} s", flush=True)
       text = table(results)
       (root / "table.md").write_text(text + "\n")
