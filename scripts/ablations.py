@@ -13,7 +13,9 @@ Groups (`--groups`, comma-separated):
   learning-rate sweep (not one rate);
 - passes: test accuracy against forward passes for sign-m-SPSA m = 3 over a long run, against
   backprop's final accuracy: forward passes to reach 95 % of it; plus the compiled memory of one
-  step of sign-m-SPSA, backprop, and backprop with rematerialisation (`jax.checkpoint`).
+  step of sign-m-SPSA, backprop, and backprop with rematerialisation (`jax.checkpoint`);
+- remat: backprop with rematerialisation (whole loss, per layer) against sign-m-SPSA's memory,
+  and backprop's accuracy at the largest batch whose remat step fits in that memory.
 
   python scripts/ablations.py --seeds=0,1,2 --out=docs/results/ablations.md
 """
@@ -28,6 +30,7 @@ import time
 import traceback
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -39,7 +42,7 @@ import shift_study  # noqa: E402
 from fgjax import data as fdata  # noqa: E402
 from fgjax import estimators, models  # noqa: E402
 
-GROUPS = ("m", "sign", "sam", "schedule", "start", "precision", "passes")
+GROUPS = ("m", "sign", "sam", "schedule", "start", "precision", "passes", "remat")
 STEPS = 400
 PRECISION_LRS = [0.003, 0.01, 0.03]
 SIGN_LR = 0.01
@@ -116,35 +119,119 @@ def task(seed: int):
   )
 
 
-def memory_row(variables, batch) -> dict[str, float]:
-  """Compiled memory (KiB, XLA's estimate: arguments + outputs + temporaries) of one step."""
+def _block_fns(pool: str):
+  """The SmallCNN of `model_fn` as its four layers, each `fn(layer_params, h) -> h` (so each can
+  be rematerialised on its own). `pool="flax"`: the model's own `nn.max_pool`; "reshape": the
+  same 2x2 max written as reshape + max (equal outputs on even sizes; a cheaper gradient)."""
+  import flax.linen as nn
+
+  from fgjax import quant as fq
+
+  def max_pool(h):
+    if pool == "flax":
+      return nn.max_pool(h, (2, 2), strides=(2, 2), padding="SAME")
+    b, height, width, c = h.shape
+    return h.reshape(b, height // 2, 2, width // 2, 2, c).max(axis=(2, 4))
+
+  def conv(width):
+    module = fq.Conv(width, (3, 3), padding="SAME")
+    return lambda p, h: max_pool(nn.relu(module.apply({"params": p}, h)))
+
+  def dense(width, relu):
+    module = nn.Dense(width)
+    act = nn.relu if relu else (lambda a: a)
+    return lambda p, h: act(module.apply({"params": p}, h.reshape(h.shape[0], -1)))
+
+  return [
+    ("conv_0", conv(16)),
+    ("conv_1", conv(32)),
+    ("dense_2", dense(64, True)),
+    ("head", dense(10, False)),
+  ]
+
+
+def layered_loss(x, y, *, remat: bool, pool: str = "flax"):
+  """The cross-entropy of `model_fn(None)` layer by layer; `remat`: each layer in
+  `jax.checkpoint(policy=nothing_saveable)` (per-layer rematerialisation: only the layers'
+  inputs are kept for the backward pass, each layer's inside is recomputed there)."""
+  policy = jax.checkpoint_policies.nothing_saveable
+
+  def loss(p):
+    h = x
+    for name, fn in _block_fns(pool):
+      h = (jax.checkpoint(fn, policy=policy) if remat else fn)(p[name], h)
+    return _study.cross_entropy(h, y)
+
+  return loss
+
+
+def _memory(fn, *args) -> tuple[float, float]:
+  """(total, temporaries) in KiB, XLA's compiled estimate: arguments + outputs + temp − alias."""
+  analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+  total = (
+    analysis.argument_size_in_bytes
+    + analysis.output_size_in_bytes
+    + analysis.temp_size_in_bytes
+    - analysis.alias_size_in_bytes
+  )
+  return total / 1024, analysis.temp_size_in_bytes / 1024
+
+
+def _backprop_step(loss):
+  """One SGD step of `loss` by backprop (lr 0.01): the step the memory rows compile."""
+  return lambda p: jax.tree.map(lambda a, b: a - 0.01 * b, p, jax.grad(loss)(p))
+
+
+def memory_row(variables, batch) -> dict[str, tuple[float, float]]:
+  """Compiled memory (KiB: total, temporaries) of one SGD step on `batch`: sign-m-SPSA m=3,
+  backprop, and backprop with rematerialisation (whole loss, per layer), and the forward alone."""
   model = model_fn(None)
-  params = {k: v for k, v in variables.items() if k == "params"}["params"]
+  params = variables["params"]
   frozen = {k: v for k, v in variables.items() if k != "params"}
-  x, y = batch
+  x, y = (jnp.asarray(a) for a in batch)
 
   def loss(p):
     return _study.cross_entropy(model.apply({"params": p, **frozen}, x, train=False), y)
 
-  def stats(fn):
-    analysis = jax.jit(fn).lower(params).compile().memory_analysis()
-    total = (
-      analysis.argument_size_in_bytes
-      + analysis.output_size_in_bytes
-      + analysis.temp_size_in_bytes
-      - analysis.alias_size_in_bytes
-    )
-    return total / 1024, analysis.temp_size_in_bytes / 1024
-
+  # The layer-by-layer form is the model itself: same loss, same gradient (exactly).
+  for pool in ("flax", "reshape"):
+    layered = layered_loss(x, y, remat=True, pool=pool)
+    np.testing.assert_allclose(layered(params), loss(params), rtol=1e-6)
+    for a, b in zip(
+      jax.tree.leaves(jax.grad(layered)(params)),
+      jax.tree.leaves(jax.grad(loss)(params)),
+      strict=True,
+    ):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   sgd = lambda p, g: jax.tree.map(lambda a, b: a - 0.01 * b, p, g)
   spsa = estimators.spsa(3, epsilon=1e-3, sign=True, distribution="rademacher")
-  remat = jax.checkpoint(loss, policy=jax.checkpoint_policies.nothing_saveable)
+  whole = jax.checkpoint(loss, policy=jax.checkpoint_policies.nothing_saveable)
+  step = _backprop_step
   return {
-    "sign-m-SPSA m=3": stats(lambda p: sgd(p, spsa(loss, p, key=jax.random.key(0)).grads)),
-    "backprop": stats(lambda p: sgd(p, jax.grad(loss)(p))),
-    "backprop + jax.checkpoint": stats(lambda p: sgd(p, jax.grad(remat)(p))),
-    "forward only (inference)": stats(loss),
+    "sign-m-SPSA m=3": _memory(
+      lambda p: sgd(p, spsa(loss, p, key=jax.random.key(0)).grads), params
+    ),
+    "backprop": _memory(step(loss), params),
+    "backprop + jax.checkpoint (whole loss)": _memory(step(whole), params),
+    "backprop + per-layer remat": _memory(step(layered_loss(x, y, remat=True)), params),
+    "backprop, pooling as reshape + max": _memory(
+      step(layered_loss(x, y, remat=False, pool="reshape")), params
+    ),
+    "backprop + per-layer remat, pooling as reshape + max": _memory(
+      step(layered_loss(x, y, remat=True, pool="reshape")), params
+    ),
+    "forward only (inference)": _memory(loss, params),
   }
+
+
+def remat_batch_at(memory_kib: float, variables, x, y, pool: str = "flax") -> int:
+  """The largest power-of-two batch (<= 32) whose backprop + per-layer remat step fits in
+  `memory_kib` total (0 if none)."""
+  for batch in (32, 16, 8, 4, 2, 1):
+    loss = layered_loss(jnp.asarray(x[:batch]), jnp.asarray(y[:batch]), remat=True, pool=pool)
+    if _memory(_backprop_step(loss), variables["params"])[0] <= memory_kib:
+      return batch
+  return 0
 
 
 def main():
@@ -269,6 +356,38 @@ def main():
       results["passes"] = {"curves": curves, "reached": reached, "memory": memory}
       (workdir / "results.json").write_text(json.dumps(results, default=str))
       log("passes: " + "\n".join(lines + curve_lines))
+    elif group == "remat":
+      # Backprop with rematerialisation at sign-m-SPSA's memory (issue 9, point 5).
+      (xa, ya) = data[seeds[0]][1]
+      memory = memory_row(pretrained[seeds[0]], (xa[:32], ya[:32]))
+      lines = ["| one step, batch 32 | total KiB | temporaries KiB |", "|---|---|---|"]
+      lines += [f"| {k} | {v[0]:.0f} | {v[1]:.0f} |" for k, v in memory.items()]
+      budget = memory["sign-m-SPSA m=3"][0]
+      found = {
+        p: remat_batch_at(budget, pretrained[seeds[0]], xa, ya, p) for p in ("flax", "reshape")
+      }
+      lines += [
+        "",
+        f"Largest batch whose backprop + per-layer remat step fits in sign-m-SPSA's {budget:.0f} "
+        f"KiB: {found['flax']} (model's max-pool), {found['reshape']} (reshape + max pooling).",
+      ]
+      results["remat"] = {"memory": memory, "batch_at_spsa_memory": found}
+      # Remat changes no value (checked in memory_row), nor does the pooling's spelling, so a
+      # backprop run at that batch has the remat run's accuracy.
+      methods = [
+        _study.Method(
+          f"backprop (+ per-layer remat: fits), batch {b}, lr 0.05",
+          method="backprop",
+          learning_rate=0.05,
+          steps=args.steps,
+          batch_size=b,
+        )
+        for b in sorted({b for b in found.values() if b}, reverse=True)
+      ]
+      run_group("remat_accuracy", [*methods, backprop])
+      sections.append(("remat", "\n".join(lines)))
+      (workdir / "results.json").write_text(json.dumps(results, default=str))
+      log("remat: " + "\n".join(lines))
     else:
       run_group(group, group_methods(group, args.steps))
 
