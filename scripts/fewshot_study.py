@@ -107,6 +107,12 @@ def parse_args(argv=None):
   parser.add_argument("--num_directions", type=int, default=4, help="K (jvp, SPSA)")
   parser.add_argument("--epsilon", type=float, default=1e-2, help="SPSA epsilon, weight units")
   parser.add_argument(
+    "--shift", type=int, default=2, help="support images shifted by up to this many pixels a step"
+  )
+  parser.add_argument(
+    "--shift_padding", default="zeros", help="zeros or edge (for corrupted, non-black borders)"
+  )
+  parser.add_argument(
     "--learning_rates",
     default="backprop=0.01,backprop_probe=0.05,forward=0.002,sign=0.0005,sign_probe=0.005",
     help="learning rate per row kind (SGD, weight units)",
@@ -225,6 +231,8 @@ def run(args) -> list[dict]:
   rows = ROWS if args.rows == "all" else [ROWS[int(i)] for i in args.rows.split(",")]
   output = pathlib.Path(args.output_dir)
   output.mkdir(parents=True, exist_ok=True)
+  # Read by `combine` when the run is stopped before its end (no meta.json then).
+  (output / "command.txt").write_text("scripts/fewshot_study.py " + " ".join(sys.argv[1:]) + "\n")
   episode_file = open(output / "episodes.csv", "w", newline="")
   episode_writer = csv.writer(episode_file)
   episode_writer.writerow(
@@ -262,6 +270,8 @@ def run(args) -> list[dict]:
           learning_rate=float(rates[rate_key]) if rate_key else 0.0,
           num_directions=args.num_directions,
           epsilon=args.epsilon,
+          shift=args.shift,
+          shift_padding=args.shift_padding,
         )
         prompts = 2 if trainable == "prompts" else 0
         make_model = functools.partial(_make, backbone, prompts=prompts)

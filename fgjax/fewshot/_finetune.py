@@ -37,6 +37,7 @@ from fgjax.fewshot._protonet import embed, mean_prototype_distance, prototype_he
 PyTree = Any
 METHODS = ("none", "backprop", "jvp", "spsa", "sign_spsa")
 TRAINABLE = ("full", "linear_probe", "prompts")
+PADDINGS = ("zeros", "edge")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,10 @@ class FinetuneConfig:
     distribution: "normal" or "rademacher" directions.
     rounding: integer rounding of the updates ("nearest", "stochastic", "error_feedback").
     shift: support images are shifted by up to this many pixels at every step (0: none).
+    shift_padding: what a shift brings in at the border: "zeros" (right for clean Omniglot, whose
+      background is 0) or "edge" (the border pixels repeated: for images whose background is
+      not 0, e.g. corrupted by noise or low contrast, where zeros would draw a frame that the
+      queries do not have).
     logit_gap: the head's temperature τ is set per episode so that the mean logit gap between
       two prototypes, `mean ||c_k - c_l||² / τ`, is `logit_gap` (0: τ = 1, the plain ProtoNet).
       Zero-shot predictions do not depend on it; without it the support loss of a well-separated
@@ -73,6 +78,7 @@ class FinetuneConfig:
   distribution: str = "normal"
   rounding: str = "stochastic"
   shift: int = 2
+  shift_padding: str = "zeros"
   logit_gap: float = 4.0
 
   def __post_init__(self):
@@ -84,6 +90,8 @@ class FinetuneConfig:
       raise ValueError(f"precision: unknown {self.precision!r}; valid: {fq.PRESET_NAMES}.")
     if self.steps < 0 or self.shift < 0:
       raise ValueError(f"steps ({self.steps}) and shift ({self.shift}) must be >= 0.")
+    if self.shift_padding not in PADDINGS:
+      raise ValueError(f"shift_padding: unknown {self.shift_padding!r}; valid: {PADDINGS}.")
     if self.integer and self.method in ("backprop", "jvp"):
       raise ValueError(
         f"method: {self.method} needs float weights; integer precision {self.precision!r} "
@@ -99,11 +107,18 @@ class FinetuneConfig:
     return dataclasses.asdict(self)
 
 
-def random_shift(images: jax.Array, key: jax.Array, shift: int) -> jax.Array:
-  """Each image translated by an integer offset in [-shift, shift]² (zero padding)."""
+def random_shift(
+  images: jax.Array, key: jax.Array, shift: int, padding: str = "zeros"
+) -> jax.Array:
+  """Each image translated by an integer offset in [-shift, shift]².
+
+  `padding` fills what comes in at the border: "zeros", or "edge" (the border pixels repeated).
+  """
   if shift == 0:
     return images
-  padded = jnp.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+  widths = ((0, 0), (shift, shift), (shift, shift), (0, 0))
+  mode = {"zeros": "constant", "edge": "edge"}[padding]
+  padded = jnp.pad(images, widths, mode=mode)
   offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * shift + 1)
   height, width, channels = images.shape[1:]
 
@@ -249,7 +264,9 @@ class EpisodeLearner:
 
     def step(carry, index):
       params, state = carry
-      images = random_shift(support_x, jax.random.fold_in(augment_key, index), config.shift)
+      images = random_shift(
+        support_x, jax.random.fold_in(augment_key, index), config.shift, config.shift_padding
+      )
       value_fn = lambda p: training.cross_entropy(logits(p, images), support_y)  # noqa: E731
       updates, state = optimizer.update(params, state, params, value_fn=value_fn)
       loss = training._forward_state(state).value

@@ -210,6 +210,17 @@ def test_random_shift_keeps_the_ink():
   assert shifted.shape == image.shape and float(shifted.sum()) == 4.0
 
 
+def test_random_shift_edge_padding_keeps_a_uniform_background_uniform():
+  # A grey (corrupted) background: zero padding would draw a black frame, edge padding does not.
+  image = jnp.full((4, 8, 8, 1), 0.3)
+  edge = fewshot.random_shift(image, jax.random.key(0), 2, padding="edge")
+  np.testing.assert_allclose(edge, image)
+  zeros = fewshot.random_shift(image, jax.random.key(0), 2)
+  assert float(zeros.min()) == 0.0  # some image moved: a zero border came in
+  with pytest.raises(ValueError, match="shift_padding"):
+    fewshot.FinetuneConfig(shift_padding="reflect")
+
+
 def test_omniglot_tfds_needs_tensorflow_and_says_so():
   try:
     import tensorflow_datasets  # noqa: F401
