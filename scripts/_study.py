@@ -210,3 +210,39 @@ def progress_log(workdir: pathlib.Path):
     log_file.flush()
 
   return log
+
+
+def summaries_table(root: pathlib.Path) -> str:
+  """Mean ± std over seeds of the binaries' runs under `root`: one row per run name, the runs of
+  seed N being the folders named like `<prefix>seed<N>_<run>` (each with its summary.json).
+
+    python scripts/_study.py /tmp/w8a8   # folders seed0_nearest, seed1_nearest, ...
+  """
+  import json
+  import re
+
+  rows: dict[str, list[dict]] = {}
+  for path in sorted(root.glob("*seed*/summary.json")):
+    name = re.sub(r"seed\d+_?", "", path.parent.name).strip("_") or "run"
+    rows.setdefault(name, []).append(json.loads(path.read_text()))
+  lines = [
+    "| run | seeds | zero-shot % | adapted % | per seed | zero updates % | forward passes |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for name, runs in rows.items():
+    adapted = [r["adapted_accuracy"] for r in runs]
+    zero_updates = [r.get("zero_update_rate") for r in runs]
+    passes = sorted({r["total_passes"]["forward"] for r in runs})
+    lines.append(
+      f"| {name} | {len(runs)} | {mean_std([r['zero_shot_accuracy'] for r in runs])} | "
+      f"{mean_std(adapted)} | {', '.join(f'{100 * a:.1f}' for a in adapted)} | "
+      f"{mean_std(zero_updates) if None not in zero_updates else '-'} | "
+      f"{', '.join(map(str, passes))} |"
+    )
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  import sys
+
+  print(summaries_table(pathlib.Path(sys.argv[1])))

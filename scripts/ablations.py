@@ -224,11 +224,11 @@ def memory_row(variables, batch) -> dict[str, tuple[float, float]]:
   }
 
 
-def remat_batch_at(memory_kib: float, variables, x, y, pool: str = "flax") -> int:
-  """The largest power-of-two batch (<= 32) whose backprop + per-layer remat step fits in
-  `memory_kib` total (0 if none)."""
+def batch_at(memory_kib: float, variables, x, y, *, remat: bool, pool: str = "flax") -> int:
+  """The largest power-of-two batch (<= 32) whose backprop step (with per-layer remat or not)
+  fits in `memory_kib` total (0 if none)."""
   for batch in (32, 16, 8, 4, 2, 1):
-    loss = layered_loss(jnp.asarray(x[:batch]), jnp.asarray(y[:batch]), remat=True, pool=pool)
+    loss = layered_loss(jnp.asarray(x[:batch]), jnp.asarray(y[:batch]), remat=remat, pool=pool)
     if _memory(_backprop_step(loss), variables["params"])[0] <= memory_kib:
       return batch
   return 0
@@ -364,19 +364,28 @@ def main():
       lines += [f"| {k} | {v[0]:.0f} | {v[1]:.0f} |" for k, v in memory.items()]
       budget = memory["sign-m-SPSA m=3"][0]
       found = {
-        p: remat_batch_at(budget, pretrained[seeds[0]], xa, ya, p) for p in ("flax", "reshape")
+        (remat, pool): batch_at(budget, pretrained[seeds[0]], xa, ya, remat=remat, pool=pool)
+        for remat in (False, True)
+        for pool in ("flax", "reshape")
       }
       lines += [
         "",
-        f"Largest batch whose backprop + per-layer remat step fits in sign-m-SPSA's {budget:.0f} "
-        f"KiB: {found['flax']} (model's max-pool), {found['reshape']} (reshape + max pooling).",
+        f"Largest batch whose backprop step fits in sign-m-SPSA's {budget:.0f} KiB (batch 32):",
+        "",
+        "| pooling | backprop | backprop + per-layer remat |",
+        "|---|---|---|",
+        f"| model's max-pool | {found[False, 'flax']} | {found[True, 'flax']} |",
+        f"| reshape + max | {found[False, 'reshape']} | {found[True, 'reshape']} |",
       ]
-      results["remat"] = {"memory": memory, "batch_at_spsa_memory": found}
+      results["remat"] = {
+        "memory": memory,
+        "batch_at_spsa_memory": {str(k): v for k, v in found.items()},
+      }
       # Remat changes no value (checked in memory_row), nor does the pooling's spelling, so a
       # backprop run at that batch has the remat run's accuracy.
       methods = [
         _study.Method(
-          f"backprop (+ per-layer remat: fits), batch {b}, lr 0.05",
+          f"backprop at sign-m-SPSA's memory, batch {b}, lr 0.05",
           method="backprop",
           learning_rate=0.05,
           steps=args.steps,
