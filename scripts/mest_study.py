@@ -40,6 +40,13 @@ METHODS = {
   # name: (estimator or None, optimizer, steps)
   "backprop": (None, lambda: optax.sgd(0.05, momentum=0.9), 600),
   "forward_gradient": (lambda: fgjax.estimators.jvp(8), lambda: optax.adam(2e-3), 1500),
+  # zeroth order (forward calls only): K = 8 central differences, 16 forwards per step
+  "spsa": (lambda: fgjax.estimators.spsa(8, 1e-3), lambda: optax.adam(1e-3), 1500),
+  "sign_m_spsa": (
+    lambda: fgjax.estimators.spsa(8, 1e-3, sign=True),
+    lambda: optax.adam(1e-3),
+    1500,
+  ),
 }
 VARIANTS = (("dense", 1.0, False), ("fixed_80", 0.2, False), ("mest_80", 0.2, True))
 VARIANTS += (("fixed_90", 0.1, False), ("mest_90", 0.1, True))
@@ -121,7 +128,9 @@ def table(results, tasks, seeds) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tasks", nargs="+", default=["digits"], choices=list(TASKS))
-  parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+  parser.add_argument(
+    "--methods", nargs="+", default=["backprop", "forward_gradient"], choices=list(METHODS)
+  )
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   parser.add_argument("--out", default="/tmp/mest_study")
   args = parser.parse_args()

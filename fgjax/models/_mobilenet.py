@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from fgjax import quant as fq
 from fgjax.models._common import batch_norm
@@ -29,6 +30,38 @@ def _make_divisible(value: float, divisor: int = 8) -> int:
   return rounded
 
 
+def _depthwise_by_shifts(
+  lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, **kwargs
+) -> jax.Array:
+  """A float NHWC depthwise conv as kh·kw shifted multiply-adds (`lax.conv_general_dilated`'s
+  signature, as `flax.linen.Conv(conv_general_dilated=...)` calls it).
+
+  y[b, i, j, c] = Σ_{u,v} x_pad[b, s_h i + u, s_w j + v, c] · k[u, v, 0, c]: the same sum as the
+  grouped conv (up to float summation order), but XLA:CPU runs these elementwise ops and their
+  gradients several times faster than its grouped convolution (measured 4x for the backward, 30x
+  for the forward of a 64x8x8x96 map).
+  """
+  del kwargs  # dimension numbers (NHWC, HWIO), feature_group_count = channels, precision
+  if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+    raise ValueError("_depthwise_by_shifts: dilation is not supported.")
+  kh, kw, _, _ = rhs.shape
+  sh, sw = window_strides
+  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  out_h = (x.shape[1] - kh) // sh + 1
+  out_w = (x.shape[2] - kw) // sw + 1
+  y = 0.0
+  for u in range(kh):
+    for v in range(kw):
+      window = lax.slice(
+        x,
+        (0, u, v, 0),
+        (x.shape[0], u + sh * (out_h - 1) + 1, v + sw * (out_w - 1) + 1, x.shape[3]),
+        (1, sh, sw, 1),
+      )
+      y = y + window * rhs[u, v, 0]
+  return y
+
+
 class _ConvBN(nn.Module):
   """Conv (no bias) -> BatchNorm (optional) -> optional ReLU6 (or ReLU)."""
 
@@ -40,10 +73,12 @@ class _ConvBN(nn.Module):
   quant: fq.QuantConfig | None = None
   relu6: bool = True
   normalize: bool = True
+  shifts: bool = False  # a float depthwise conv as shifted multiply-adds (faster on CPU)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     pad = (self.kernel_size - 1) // 2
+    by_shifts = self.shifts and self.quant is None and self.groups == x.shape[-1] == self.features
     x = fq.Conv(
       self.features,
       (self.kernel_size, self.kernel_size),
@@ -52,6 +87,7 @@ class _ConvBN(nn.Module):
       feature_group_count=self.groups,
       use_bias=False,
       quant=self.quant,
+      conv_general_dilated=_depthwise_by_shifts if by_shifts else None,
       name="conv",
     )(x)
     if self.normalize:
@@ -70,6 +106,7 @@ class _InvertedResidual(nn.Module):
   quant: fq.QuantConfig | None = None
   quant_friendly: bool = False
   depthwise_quant: fq.QuantConfig | None = None
+  depthwise_shifts: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -88,6 +125,7 @@ class _InvertedResidual(nn.Module):
       # Quantization-friendly: no BatchNorm and no activation after the depthwise conv.
       normalize=not self.quant_friendly,
       activation=not self.quant_friendly,
+      shifts=self.depthwise_shifts,
       name="depthwise",
     )(y, train)
     y = _ConvBN(self.features, kernel_size=1, activation=False, quant=self.quant, name="project")(
@@ -134,6 +172,12 @@ class MobileNetV2(nn.Module):
     quant_friendly: the quantization-friendly variant (above); same parameter names, minus the
       depthwise BatchNorms.
     depthwise_quant: quantization of the depthwise convs; default (`"same"`): `quant`.
+    depthwise_shifts: compute the float depthwise convs as 9 shifted multiply-adds instead of a
+      grouped `conv_general_dilated`: the same parameters and outputs (up to float summation
+      order), several times faster to train on XLA:CPU, whose grouped convolutions (and their
+      gradients) are slow. Quantized depthwise convs are unaffected. The jaxpr then has no conv
+      for these layers, so `fgjax.efficiency.count_ops` counts them as elementwise ops: count
+      operations with the default (False).
   """
 
   width_multiplier: float = 1.0
@@ -142,6 +186,7 @@ class MobileNetV2(nn.Module):
   quant: fq.QuantConfig | None = None
   quant_friendly: bool = False
   depthwise_quant: fq.QuantConfig | None | str = "same"
+  depthwise_shifts: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -170,6 +215,7 @@ class MobileNetV2(nn.Module):
           quant=self.quant,
           quant_friendly=self.quant_friendly,
           depthwise_quant=depthwise_quant,
+          depthwise_shifts=self.depthwise_shifts,
           name=f"block_{index}",
         )(x, train)
         index += 1
