@@ -39,8 +39,10 @@ def call_with_replaced_leaves(
   for index, (var, on) in enumerate(zip(closed.jaxpr.invars, selected, strict=True)):
     if on:
       pending[var] = index
-  # leaf index -> replacement; the last values computed; the latest matmul or convolution output.
-  state = {"done": {}, "last": (), "anchor": None}
+  # leaf index -> replacement; the last values computed; the latest matmul or convolution output
+  # and its number; for each value computed, the number of the latest matmul or convolution it
+  # depends on (by id, holding the value so that the id stays its own).
+  state = {"done": {}, "last": (), "anchor": None, "layers": 0, "after": {}}
   out = _eval(closed.jaxpr, closed.consts, flat_leaves, pending, replace, state)
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
 
@@ -76,8 +78,12 @@ def _eval(jaxpr, consts, args, pending, replace, state):
       # would otherwise get its replacement early, and hold it beside the activations.
       plain = [v for v in variables if v not in lazy]
       tie = tuple(env[v] for v in plain) if plain else state["last"]
+      # The anchor is only added when the operands do not already depend on it: an extra reader
+      # of a convolution's output keeps it alive beyond the op that consumes it (on SmallCNN the
+      # ReLU could then not overwrite the convolution's buffer: 3 MiB more).
       anchor = state["anchor"]
-      extra = () if anchor is None or any(t is anchor for t in tie) else (anchor,)
+      follows = max((_after(state, t) for t in tie), default=-1) >= state["layers"]
+      extra = () if anchor is None or follows else (anchor,)
       tie = tuple(tie) + extra
       for var in fresh:
         state["done"][lazy[var]], tie = replace(lazy[var], env[var], tuple(tie))
@@ -101,12 +107,24 @@ def _eval(jaxpr, consts, args, pending, replace, state):
         outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
       if not eqn.primitive.multiple_results:
         outs = [outs]
+    if not inline:
+      after = max((_after(state, read(v)) for v in eqn.invars), default=-1)
+      if eqn.primitive.name in _LAYER_OPS:
+        state["layers"] += 1
+        state["anchor"] = outs[0]
+        after = state["layers"]
+      for out in outs:
+        state["after"][id(out)] = (after, out)
     for var, value in zip(eqn.outvars, outs, strict=True):
       env[var] = value
     state["last"] = tuple(o for o in outs if hasattr(o, "shape"))
-    if eqn.primitive.name in _LAYER_OPS:
-      state["anchor"] = outs[0]
   return [read(v) for v in jaxpr.outvars]
+
+
+def _after(state, value) -> int:
+  """The number of the latest matmul or convolution `value` depends on (-1: none)."""
+  entry = state["after"].get(id(value))
+  return entry[0] if entry is not None and entry[1] is value else -1
 
 
 def _unique(variables) -> list:

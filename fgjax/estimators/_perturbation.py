@@ -152,6 +152,28 @@ def tie_seed(seed: jax.Array, values) -> tuple[jax.Array, jax.Array]:
   return seed ^ flag, flag
 
 
+def materialized(fn, flag: jax.Array) -> jax.Array:
+  """`fn(flag)` computed into a buffer of its own, inside a loop of one iteration.
+
+  `flag` is a uint32 zero that XLA cannot fold (`tie_seed`). XLA fuses a cheap elementwise
+  producer into every consumer, even one that broadcasts it: a bias's perturbed value, drawn
+  from its hash, would be recomputed for each element of the activation it is added to (on
+  SmallCNN the draw ran 64 x 28 x 28 times per bias element, and the activation it broadcasts
+  into got a buffer of its own). A loop whose trip count (1 + flag) XLA does not know is never
+  fused or unrolled, and its body's value depends on the loop counter (passed to `fn` as the
+  flag), so it cannot be hoisted out either.
+  """
+  flag = flag.astype(jnp.uint32)
+  shape = jax.eval_shape(fn, flag)
+  init = (jnp.uint32(0), jnp.zeros(shape.shape, shape.dtype))
+
+  def body(carry):
+    count, _ = carry
+    return count + jnp.uint32(1), fn(count ^ flag)
+
+  return jax.lax.while_loop(lambda carry: carry[0] < flag + jnp.uint32(1), body, init)[1]
+
+
 def _nan_flag(values):
   flag = None
   for value in jax.tree.leaves(values):
@@ -338,7 +360,13 @@ def with_tangent_seeded(
 def _with_tangent_seeded_jvp(distribution, primals, tangents):
   leaf, _, seed, flag = primals
   t_dot = tangents[1]
-  z = direction_from_seed(seed, leaf, distribution, flag)
+
+  def draw(flag):
+    return direction_from_seed(seed, leaf, distribution, flag)
+
+  # A small leaf's tangent (a bias) is broadcast into its layer's output: drawn once (see
+  # `materialized`), not once per output element.
+  z = materialized(draw, flag) if jnp.size(leaf) <= SMALL_LEAF else draw(flag)
   return leaf, (t_dot * z).astype(z.dtype)
 
 

@@ -77,8 +77,14 @@ class SPSA:
         if index in moved_small:
           return moved_small[index], tie
         seed, flag = _perturbation.tie_seed(seeds[index], tie)
-        z = _perturbation.direction_from_seed(seed, leaf, self.distribution, flag)
-        return _perturbation.move(leaf, z, scale, problem.grid_scales[index], flag), tie
+
+        def moved(flag):
+          z = _perturbation.direction_from_seed(seed, leaf, self.distribution, flag)
+          return _perturbation.move(leaf, z, scale, problem.grid_scales[index], flag)
+
+        if jnp.size(leaf) <= _perturbation.SMALL_LEAF:
+          return _perturbation.materialized(moved, flag), tie
+        return moved(flag), tie
 
       return _lazy.call_with_replaced_leaves(loss, problem.leaves, problem.trainable, replace)
 
