@@ -94,9 +94,11 @@ def element_index(shape: tuple[int, ...], flag=None) -> jax.Array:
   reshape of a flat iota made it write a uint32 buffer the size of the leaf first (issue 15).
 
   `flag`, a uint32 scalar that is 0 at run time but unknown to XLA (a `tie` flag), is added to the
-  first dimension's iota: inside a loop (the ±ε scan, directions one at a time) the index then
-  depends on the iteration, so XLA's loop-invariant code motion cannot hoist it out of the loop
-  and carry it as a uint32 buffer the size of the leaf.
+  last dimension's iota, the first term of the sum: inside a loop (the ±ε scan, directions one at
+  a time) every partial sum then depends on the iteration, so XLA's loop-invariant code motion
+  cannot hoist any of them out of the loop and carry it as a uint32 buffer the size of the leaf
+  (with the flag on the first dimension, added last, ResNet-18's SPSA step held 17 MiB of such
+  partial sums).
   """
   shape = tuple(shape)
   if not shape:
@@ -105,7 +107,7 @@ def element_index(shape: tuple[int, ...], flag=None) -> jax.Array:
   stride = 1
   for dim in reversed(range(len(shape))):
     term = jax.lax.broadcasted_iota(jnp.uint32, shape, dim)
-    if dim == 0 and flag is not None:
+    if dim == len(shape) - 1 and flag is not None:
       term = term + flag.astype(jnp.uint32)
     if stride != 1:
       term = term * jnp.uint32(stride & 0xFFFFFFFF)
