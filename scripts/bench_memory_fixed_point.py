@@ -19,6 +19,13 @@ Memory is XLA's own estimate for the compiled step (`jit(f).lower(...).compile()
 `total = argument + output + temp - alias` (donated buffers counted once). Nothing is run, so the
 figures do not depend on the load of the machine.
 
+XLA:CPU's YNN fusions are switched off (`--xla_cpu_experimental_ynn_fusion_type=`, set before jax
+is imported; `--ynn_fusions` keeps them): XLA's memory analysis does not count the buffers inside
+a YNN fusion, and it folds most of an eval forward into one (SmallCNN's forward then reports only
+its first convolution's output, 3.06 MiB, as temporaries), so the forward's figure would be an
+undercount that the training step, split into several fusions by its perturbations, is compared
+against. Accelerators have no YNN fusions.
+
 Command (about 10 CPU-minutes on 2 shared cores, mostly ResNet-18's compilations):
   python scripts/bench_memory_fixed_point.py --output_dir /tmp/bench_memory_fixed_point
 """
@@ -31,12 +38,16 @@ import os
 import platform
 import sys
 
-import jax
-import jax.numpy as jnp
-import optax
+YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+if "--ynn_fusions" not in sys.argv:  # Before jax reads XLA_FLAGS.
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {YNN_OFF}".strip()
 
-import fgjax
-from fgjax import models, quant
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import fgjax  # noqa: E402
+from fgjax import models, quant  # noqa: E402
 
 MODELS = {
   # name: (constructor kwargs, input shape without batch)
@@ -54,6 +65,11 @@ def parse_args(argv=None):
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--num_directions", type=int, default=4)
+  parser.add_argument(
+    "--ynn_fusions",
+    action="store_true",
+    help="keep XLA:CPU's YNN fusions (their inner buffers are not in XLA's memory analysis)",
+  )
   return parser.parse_args(argv)
 
 
@@ -181,7 +197,8 @@ def table(results, args, command) -> str:
   lines += [
     "",
     f"Command: `{command}`",
-    f"jax {jax.__version__}, backend {jax.default_backend()}, {platform.machine()}.",
+    f"jax {jax.__version__}, backend {jax.default_backend()}, {platform.machine()}, "
+    f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}.",
   ]
   return "\n".join(lines) + "\n"
 
