@@ -296,7 +296,7 @@ def run(args) -> list[dict]:
         mean = np.mean([r["accuracy"] for r in done if r["row"] == name])
         zero = np.mean([r["zero_shot"] for r in done if r["row"] == name])
         print(
-          f"  {backbone} {setting:9s} {name:34s} {mean:.3f} (zero-shot {zero:.3f}, "
+          f"  {backbone} {label:9s} {name:34s} {mean:.3f} (zero-shot {zero:.3f}, "
           f"{time.time() - start:.0f}s)",
           file=sys.stderr,
           flush=True,

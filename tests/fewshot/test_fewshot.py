@@ -191,6 +191,21 @@ def test_learner_runs_and_reports(toy_episode, method, precision, trainable):
   assert 0.0 <= result["accuracy"] <= 1.0 and np.isfinite(result["final_loss"])
 
 
+def test_learner_compiles_once_across_episodes_and_seeds(toy_episode):
+  # Compile time dominates a row of the study (minutes for a ResNet sign-m-SPSA row, ~1 s an
+  # episode after it): episodes, prototypes, grid steps and a rebound backbone are arguments, so
+  # the episode function compiles once per setting (as optax tests "no recompilation").
+  episode, pretrained = toy_episode
+  config = fewshot.FinetuneConfig("sign_spsa", "w8a8", "full", steps=2, epsilon=0.05)
+  learner = fewshot.EpisodeLearner(_tiny_cnn, pretrained, config, 3, example_shape=(8, 8, 1))
+  learner(episode, seed=0)
+  other = episode._replace(support_x=episode.support_x[::-1], query_x=episode.query_x[::-1])
+  learner(other, seed=1)
+  learner.rebind(jax.tree.map(lambda a: a * 1.1, pretrained))
+  learner(episode, seed=2)
+  assert learner._run._cache_size() == 1
+
+
 def test_finetune_config_validates():
   with pytest.raises(ValueError, match="method"):
     fewshot.FinetuneConfig("adam")
