@@ -6,7 +6,8 @@ scratch with `fgjax.sparse.mest`:
 - fixed random mask: density d, mutation ratio 0 (a static random sparse network);
 - MEST (EM&S): density d, mutation every `interval` steps with a ratio decaying 2 % -> 1 % -> 0 %
   (`decaying_ratio(0.02, steps)`), a soft memory bound of `interval // 4` steps, importance
-  |w| + |g_hat| (the gradient estimate: exact for backprop, the jvp forward gradient otherwise).
+  |w| + |g_hat| (the gradient estimate: exact for backprop, the forward gradient otherwise);
+  `--variants mest_mag_80 mest_mag_90`: the ablation with importance |w| only.
 Methods: `backprop`; `forward_gradient`, `fgjax.estimators.jvp(K)` (the exact directional
 derivative, K tangents); `spsa` and `sign_m_spsa`, zeroth order (K = 8 central differences, forward
 calls only). Sparse runs perturb only the active weights (sparse directions).
@@ -54,11 +55,30 @@ METHODS = {
     1000,
   ),
 }
-VARIANTS = (("dense", 1.0, False), ("fixed_80", 0.2, False), ("mest_80", 0.2, True))
-VARIANTS += (("fixed_90", 0.1, False), ("mest_90", 0.1, True))
+# name: (density, mutate, λ of the importance |w| + λ|ĝ|)
+VARIANTS = {
+  "dense": (1.0, False, 1.0),
+  "fixed_80": (0.2, False, 1.0),
+  "mest_80": (0.2, True, 1.0),
+  "fixed_90": (0.1, False, 1.0),
+  "mest_90": (0.1, True, 1.0),
+  # ablation: importance by magnitude only (λ = 0), run with --variants
+  "mest_mag_80": (0.2, True, 0.0),
+  "mest_mag_90": (0.1, True, 0.0),
+}
+DEFAULT_VARIANTS = ("dense", "fixed_80", "mest_80", "fixed_90", "mest_90")
+HEADERS = {
+  "dense": "dense",
+  "fixed_80": "fixed random 80 %",
+  "mest_80": "MEST 80 %",
+  "fixed_90": "fixed random 90 %",
+  "mest_90": "MEST 90 %",
+  "mest_mag_80": "MEST, λ = 0, 80 %",
+  "mest_mag_90": "MEST, λ = 0, 90 %",
+}
 
 
-def run(task, method, density, mutate, seed, batch_size=64):
+def run(task, method, density, mutate, seed, batch_size=64, gradient_weight=1.0):
   """Trains one model; returns its test accuracy and the final mask density."""
   loader, num_train, num_test, hidden = TASKS[task]
   train, test = fdata.split(loader(), (num_train, num_test), seed=0)
@@ -74,6 +94,7 @@ def run(task, method, density, mutate, seed, batch_size=64):
     mutation_interval=interval,
     mutation_ratio=sparse.decaying_ratio(0.02, steps) if mutate else 0.0,
     soft_bound_steps=interval // 4,
+    gradient_weight=gradient_weight,
     seed=seed,
   )
   state = opt.init(params)
@@ -112,16 +133,18 @@ def run(task, method, density, mutate, seed, batch_size=64):
 
 
 def table(results, tasks, seeds) -> str:
+  present = {r["key"][2] for r in results}
+  columns = [n for n in VARIANTS if n in DEFAULT_VARIANTS or n in present]
   lines = [
-    "| task | method | dense | fixed random 80 % | MEST 80 % | fixed random 90 % | MEST 90 % |",
-    "|---|---|---|---|---|---|---|",
+    "| task | method | " + " | ".join(HEADERS[n] for n in columns) + " |",
+    "|---|---|" + "---|" * len(columns),
   ]
   for task in tasks:
     for method in METHODS:
       if not any(r["key"][:2] == [task, method] for r in results):
         continue
       cells = []
-      for name, _, _ in VARIANTS:
+      for name in columns:
         acc = [r["accuracy"] for r in results if r["key"] == [task, method, name]]
         if not acc:
           cells.append("-")
@@ -139,6 +162,9 @@ def main():
   parser.add_argument(
     "--methods", nargs="+", default=["backprop", "forward_gradient"], choices=list(METHODS)
   )
+  parser.add_argument(
+    "--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS)
+  )
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   parser.add_argument("--out", default="/tmp/mest_study")
   args = parser.parse_args()
@@ -149,12 +175,15 @@ def main():
   done = {(tuple(r["key"]), r["seed"]) for r in results}
   for task in args.tasks:
     for method in args.methods:
-      for name, density, mutate in VARIANTS:
+      for name in args.variants:
+        density, mutate, gradient_weight = VARIANTS[name]
         for seed in args.seeds:
           if ((task, method, name), seed) in done:
             continue
           start = time.time()
-          accuracy, final_density, zeros_ok = run(task, method, density, mutate, seed)
+          accuracy, final_density, zeros_ok = run(
+            task, method, density, mutate, seed, gradient_weight=gradient_weight
+          )
           record = {
             "key": [task, method, name],
             "seed": seed,
