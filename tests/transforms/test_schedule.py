@@ -18,10 +18,13 @@ def test_schedule_state_is_finite_before_and_after_a_step():
   ):
     opt = optax.chain(link, optax.sgd(0.1))
     state = opt.init(params)
+    update = jax.jit(
+      lambda p, s, opt=opt: opt.update(p, s, p, value_fn=lambda q: jnp.sum(q["w"] ** 2))
+    )
     for _ in range(2):
       floats = [
         x for x in jax.tree.leaves(state) if jnp.issubdtype(jnp.result_type(x), jnp.floating)
       ]
       assert all(np.all(np.isfinite(np.asarray(x))) for x in floats)
-      updates, state = opt.update(params, state, params, value_fn=lambda p: jnp.sum(p["w"] ** 2))
+      updates, state = update(params, state)
       params = optax.apply_updates(params, updates)
