@@ -11,6 +11,7 @@ tie stays at layer granularity.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,16 @@ Replace = Callable[[int, jax.Array, tuple], tuple[jax.Array, tuple]]
 
 _INLINED = ("pjit", "jit", "closed_call")
 _LAYER_OPS = ("dot_general", "conv_general_dilated")
+
+# The replacements are tied to the activations only when they could cost memory: when the selected
+# leaves take more than this fraction of the forward's largest intermediate value. Below it (a
+# small CNN on large images: 0.26 MB of weights against 8 MB for one activation) XLA may compute
+# the replacements wherever it likes, which costs at most that fraction of one activation, and
+# keeps the forward's fusions whole. A tie reads an activation, and an extra reader splits XLA:CPU's
+# YNNPACK fusion of the whole network into one fusion per convolution plus a pass over the
+# activation for each bias and ReLU (SmallCNN, batch 64: the two ±ε forwards took 24.5 ms tied
+# against 10.3 ms untied and 10.4 ms for two plain forwards; issue 15).
+UNTIED_FRACTION = 0.1
 
 
 def call_with_replaced_leaves(
@@ -42,7 +53,9 @@ def call_with_replaced_leaves(
   # leaf index -> replacement; the last values computed; the latest matmul or convolution output
   # and its number; for each value computed, the number of the latest matmul or convolution it
   # depends on (by id, holding the value so that the id stays its own).
-  state = {"done": {}, "last": (), "anchor": None, "layers": 0, "after": {}}
+  selected_bytes = sum(leaf.nbytes for leaf, on in zip(leaves, selected, strict=True) if on)
+  tied = selected_bytes > UNTIED_FRACTION * _largest_intermediate(closed.jaxpr)
+  state = {"done": {}, "last": (), "anchor": None, "layers": 0, "after": {}, "tied": tied}
   out = _eval(closed.jaxpr, closed.consts, flat_leaves, pending, replace, state)
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
 
@@ -76,14 +89,14 @@ def _eval(jaxpr, consts, args, pending, replace, state):
       # Replace the leaves this equation reads first, after its other operands exist and after the
       # latest matmul or convolution: a layer whose input was ready early (a residual shortcut)
       # would otherwise get its replacement early, and hold it beside the activations.
-      plain = [v for v in variables if v not in lazy]
-      tie = tuple(env[v] for v in plain) if plain else state["last"]
+      plain = [v for v in variables if v not in lazy] if state["tied"] else []
+      tie = tuple(env[v] for v in plain) if plain else state["last"] if state["tied"] else ()
       # The anchor is only added when the operands do not already depend on it: an extra reader
       # of a convolution's output keeps it alive beyond the op that consumes it (on SmallCNN the
       # ReLU could then not overwrite the convolution's buffer: 3 MiB more).
       anchor = state["anchor"]
       follows = max((_after(state, t) for t in tie), default=-1) >= state["layers"]
-      extra = () if anchor is None or follows else (anchor,)
+      extra = () if anchor is None or follows or not state["tied"] else (anchor,)
       tie = tuple(tie) + extra
       for var in fresh:
         state["done"][lazy[var]], tie = replace(lazy[var], env[var], tuple(tie))
@@ -119,6 +132,19 @@ def _eval(jaxpr, consts, args, pending, replace, state):
       env[var] = value
     state["last"] = tuple(o for o in outs if hasattr(o, "shape"))
   return [read(v) for v in jaxpr.outvars]
+
+
+def _largest_intermediate(jaxpr) -> int:
+  """Bytes of the largest value computed by `jaxpr` or the jaxprs it calls."""
+  largest = 0
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      aval = getattr(var, "aval", None)
+      if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+        largest = max(largest, math.prod(aval.shape) * aval.dtype.itemsize)
+    for sub in jex_core.jaxprs_in_params(eqn.params):
+      largest = max(largest, _largest_intermediate(sub))
+  return largest
 
 
 def _after(state, value) -> int:
