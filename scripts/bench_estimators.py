@@ -23,6 +23,9 @@ Usage (writes bench.md, bench.csv and bench.jsonl in --output_dir):
     --output_dir results/bench_memory                                         # memory + compile
 `--variants vmap seq` adds rows with all K directions vmapped and one at a time (`auto` is the
 estimators' default, `chunk_size="auto"`).
+`--torch_python PY` runs the anchors' PyTorch MeZO (mezo_torch_bench.py; PY has torch,
+torchvision and timm) on the same models and batches after fgjax's rows, in the same run (time
+only on CPU).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -257,11 +261,16 @@ def markdown(rows) -> str:
     "compile s | compile x bp |",
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
+
+  def fmt(value, digits):  # nan (not measured: PyTorch's memory on CPU, its compile) as a dash
+    return "-" if value != value else f"{value:.{digits}f}"
+
   for r in rows:
     lines.append(
-      f"| {r['model']} | {r['batch']} | {r['step']} | {r['time_ms']:.1f} | {r['time_x']:.2f} | "
-      f"{r['temp_MiB']:.2f} | {r['total_MiB']:.2f} | {r['total_x']:.2f} | "
-      f"{r['lower_s'] + r['compile_s']:.1f} | {r['compile_x']:.2f} |"
+      f"| {r['model']} | {r['batch']} | {r['step']} | {fmt(r['time_ms'], 1)} | "
+      f"{fmt(r['time_x'], 2)} | {fmt(r['temp_MiB'], 2)} | {fmt(r['total_MiB'], 2)} | "
+      f"{fmt(r['total_x'], 2)} | {fmt(r['lower_s'] + r['compile_s'], 1)} | "
+      f"{fmt(r['compile_x'], 2)} |"
     )
   return "\n".join(lines)
 
@@ -295,6 +304,11 @@ def main():
   parser.add_argument("--repeats", type=int, default=None, help="timed rounds; 0: no timing")
   parser.add_argument("--only", nargs="*", default=None, help="substrings of step names to run")
   parser.add_argument("--anchors", default=os.path.join("..", "shared", "anchors"))
+  parser.add_argument(
+    "--torch_python",
+    default=None,
+    help="a Python with torch, torchvision and timm: runs the anchors' PyTorch MeZO beside fgjax",
+  )
   parser.add_argument("--output_dir", default="bench_estimators")
   args = parser.parse_args()
   models = args.models or (["mlp", "cnn"] if args.quick else ["mlp", "cnn", "resnet18", "vit"])
@@ -321,7 +335,54 @@ def main():
       y = jnp.zeros((batch,), jnp.int32)
       rows += bench(name, model, x, y, ks, args.variants, repeats, args.only, log)
       write_tables(rows, output_dir, header)  # After each model: a timeout keeps what was done.
+  if args.torch_python:
+    rows += torch_mezo(args.torch_python, args.anchors, models, batches, repeats, log)
+    write_tables(rows, output_dir, header)
   print(markdown(rows))
+
+
+TORCH_MODELS = {"resnet18": ("resnet18", "ResNet18"), "vit": ("vit_tiny", "ViTTiny")}
+
+
+def torch_mezo(python, anchors, models, batches, repeats, log) -> list[dict]:
+  """The anchors' PyTorch MeZO and backprop steps, as rows (time only: no memory on CPU)."""
+  names = [TORCH_MODELS[m] for m in models if m in TORCH_MODELS]
+  if not names:
+    return []
+  script = os.path.join(anchors, "mezo_torch_bench.py")
+  command = [python, script, "--device", "cpu", "--batch", *map(str, batches)]
+  command += ["--models", *(n for n, _ in names), "--steps", str(max(repeats, 1))]
+  log("running " + " ".join(command))
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  if done.returncode:
+    log(f"PyTorch MeZO failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+    return []
+  label = dict(names)
+  rows = []
+  for line in done.stdout.splitlines():
+    if not line.startswith("{"):
+      continue
+    r = json.loads(line)
+    for step, key in (("forward", None), ("mezo", "mezo_time_x"), ("backprop", "bp_time_x")):
+      time_x = 1.0 if key is None else r[key]
+      nan = float("nan")
+      rows.append(
+        {
+          "model": f"{label[r['model']]} (PyTorch)",
+          "batch": r["batch"],
+          "step": f"torch_{step}",
+          "time_ms": r["forward_ms"] * time_x,
+          "time_x": time_x,
+          "temp_MiB": nan,
+          "total_MiB": nan,
+          "total_x": nan,
+          "lower_s": nan,
+          "compile_s": nan,
+          "compile_x": nan,
+        }
+      )
+      log(json.dumps(rows[-1]))
+  return rows
 
 
 if __name__ == "__main__":
