@@ -355,7 +355,8 @@ def torch_mezo(python, anchors, models, batches, repeats, log) -> list[dict]:
   log("running " + " ".join(command))
   done = subprocess.run(command, capture_output=True, text=True, check=False)
   if done.returncode:
-    log(f"PyTorch MeZO failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+    last = (done.stderr.strip().splitlines() or [""])[-1]
+    log(f"PyTorch MeZO failed ({done.returncode}): {last}")
     return []
   label = dict(names)
   rows = []
@@ -363,22 +364,21 @@ def torch_mezo(python, anchors, models, batches, repeats, log) -> list[dict]:
     if not line.startswith("{"):
       continue
     r = json.loads(line)
-    for step, key in (("forward", None), ("mezo", "mezo_time_x"), ("backprop", "bp_time_x")):
-      time_x = 1.0 if key is None else r[key]
-      nan = float("nan")
+    for step, time_x in (
+      ("forward", 1.0),
+      ("mezo", r["mezo_time_x"]),
+      ("backprop", r["bp_time_x"]),
+    ):
+      # Not measured (memory on CPU, compile in eager PyTorch): nan, a dash in the table.
       rows.append(
-        {
+        dict.fromkeys(COLUMNS, float("nan"))
+        | {
           "model": f"{label[r['model']]} (PyTorch)",
           "batch": r["batch"],
           "step": f"torch_{step}",
           "time_ms": r["forward_ms"] * time_x,
           "time_x": time_x,
-          "temp_MiB": nan,
-          "total_MiB": nan,
-          "total_x": nan,
-          "lower_s": nan,
-          "compile_s": nan,
-          "compile_x": nan,
+          "params_M": r["params_M"],
         }
       )
       log(json.dumps(rows[-1]))

@@ -29,7 +29,8 @@ def _fake_anchor(folder: pathlib.Path, body: str) -> str:
 
 
 def test_torch_rows_are_ratios_to_pytorchs_own_forward(bench, tmp_path):
-  row = {"model": "resnet18", "batch": 8, "forward_ms": 10.0, "mezo_time_x": 2.5, "bp_time_x": 3.0}
+  row = {"model": "resnet18", "batch": 8, "params_M": 11.17, "forward_ms": 10.0}
+  row |= {"mezo_time_x": 2.5, "bp_time_x": 3.0}
   anchors = _fake_anchor(tmp_path, f"print('warming up')\nprint({json.dumps(row)!r})\n")
   rows = bench.torch_mezo(sys.executable, anchors, ["mlp", "resnet18"], [8], 1, log=lambda _: None)
   by_step = {r["step"]: r for r in rows}
